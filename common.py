@@ -1,0 +1,543 @@
+"""What the three training scripts share, written once.
+
+Read a script first (train_classifier.py is the shortest): it shows the training
+loop. This module holds what sits around every loop and is the same in each:
+
+- the command-line flags they all take (named as in Hugging Face's examples),
+- where outputs go (a local folder, or Google Drive inside Colab),
+- the Accelerator: device, mixed precision, processes, gradient accumulation,
+- checkpoints: atomic saves, automatic exact resume, rotation, signals,
+- the evaluation loop, metrics, throughput and logging,
+- clear one-line errors for bad input.
+
+Nothing here knows about a particular script's model or data.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+
+# Colab mounts Google Drive here; outputs default to a folder inside it.
+DRIVE_MOUNT = "/content/drive"
+DRIVE_ROOT = f"{DRIVE_MOUNT}/MyDrive"
+DRIVE_FOLDER = "lm-training"
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete
+
+
+# ---------------------------------------------------------------------------
+# User errors: one line, exit code 2, no traceback.
+# ---------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """Bad input or a bad setting: the message names the problem and the fix."""
+
+
+def run(train_fn, args):
+    """Call train_fn(args); turn a UserError into one line on stderr and exit code 2."""
+    try:
+        return train_fn(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ---------------------------------------------------------------------------
+# Flags every script takes.
+# ---------------------------------------------------------------------------
+
+
+def build_parser(description):
+    """The shared flags. Each script adds its own and sets its defaults."""
+    p = argparse.ArgumentParser(description=description)
+    a = p.add_argument
+    a("--model_name_or_path", help="hub name or local directory of the model to start from")
+    a("--dataset_name", help="hub data set (used when no --train_file is given)")
+    a("--dataset_config_name", help="configuration of --dataset_name")
+    a("--train_file", help="local training file")
+    a("--validation_file", help="local validation file")
+    a(
+        "--validation_split_percentage",
+        type=int,
+        default=10,
+        help="with no validation file: percent of the training data held out",
+    )
+    a(
+        "--output_dir",
+        help="where checkpoints and the model go "
+        f"(default: outputs/<script>, or {DRIVE_ROOT}/{DRIVE_FOLDER}/<script> in Colab with Drive)",
+    )
+    a("--drive", action="store_true", help="Colab: put outputs on Google Drive (mounting it if needed)")
+    a("--per_device_train_batch_size", type=int, default=8)
+    a("--per_device_eval_batch_size", type=int, default=32)
+    a("--learning_rate", type=float, default=5e-5)
+    a("--weight_decay", type=float, default=0.0)
+    a("--max_grad_norm", type=float, default=1.0, help="clip gradients to this norm (0: off)")
+    a("--num_train_epochs", type=int, default=3)
+    a("--max_train_steps", type=int, help="total optimizer steps; overrides --num_train_epochs")
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a(
+        "--lr_scheduler_type",
+        default="linear",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
+    a("--num_warmup_steps", type=int, default=0, help="warmup, in optimizer steps")
+    a("--seed", type=int, default=42)
+    a(
+        "--mixed_precision",
+        default="auto",
+        choices=["auto", "no", "fp16", "bf16"],
+        help="auto: bf16 where supported, fp16 on older GPUs (T4), none on CPU",
+    )
+    a("--checkpointing_steps", type=int, default=0, help="also save every N optimizer steps (0: off)")
+    a("--save_every_minutes", type=float, default=10.0, help="also save every N minutes (0: off)")
+    a("--keep_last", type=int, default=2, help="how many checkpoints to keep")
+    a("--resume_from_checkpoint", help="resume from this checkpoint instead of the newest one")
+    a("--no_resume", action="store_true", help="start fresh, deleting the checkpoints in --output_dir")
+    a("--logging_steps", type=int, default=10, help="log the training loss every N optimizer steps")
+    a("--report_to", default="none", help="tensorboard, wandb, ... or all (Accelerate's trackers)")
+    a("--max_train_samples", type=int, help="truncate the training set (quick runs)")
+    a("--max_eval_samples", type=int, help="truncate the validation set (quick runs)")
+    return p
+
+
+def check_args(args):
+    """Settings that can never work get one clear line before anything is touched."""
+    positive = [
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "keep_last",
+        "logging_steps",
+    ]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.max_train_steps is None and args.num_train_epochs < 1:
+        raise UserError(f"--num_train_epochs must be at least 1 (got {args.num_train_epochs})")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise UserError(f"--max_train_steps must be at least 1 (got {args.max_train_steps})")
+    if not 0 < args.validation_split_percentage < 100:
+        raise UserError("--validation_split_percentage must be between 1 and 99")
+
+
+# ---------------------------------------------------------------------------
+# Where outputs go: a local folder, or Google Drive in Colab.
+# ---------------------------------------------------------------------------
+
+
+def in_colab():
+    return "COLAB_RELEASE_TAG" in os.environ or "google.colab" in sys.modules
+
+
+def mount_drive():
+    """Make sure Google Drive is mounted; only Colab can do that."""
+    if os.path.isdir(DRIVE_ROOT):
+        return
+    if not in_colab():
+        raise UserError("--drive works only inside Google Colab; drop it, or pass --output_dir")
+    try:
+        from google.colab import drive
+
+        drive.mount(DRIVE_MOUNT)
+    except Exception:  # a `!python` subprocess cannot ask for Drive permission
+        raise UserError(
+            "Google Drive is not mounted: run `from google.colab import drive; "
+            f"drive.mount('{DRIVE_MOUNT}')` in a notebook cell, then this command again"
+        ) from None
+
+
+def resolve_output_dir(args, script_name):
+    """--output_dir, else a folder on Drive when in Colab with Drive mounted, else ./outputs."""
+    if args.drive:
+        mount_drive()
+    if args.output_dir:
+        return Path(args.output_dir)
+    if args.drive or (in_colab() and os.path.isdir(DRIVE_ROOT)):
+        return Path(DRIVE_ROOT) / DRIVE_FOLDER / script_name
+    return Path("outputs") / script_name
+
+
+# ---------------------------------------------------------------------------
+# Device, precision, processes.
+# ---------------------------------------------------------------------------
+
+
+def choose_mixed_precision(requested):
+    """bf16 where the hardware has it, fp16 (with loss scaling) on older GPUs such as
+    Colab's T4, full precision on CPU. An explicit flag, or `accelerate launch
+    --mixed_precision`, wins."""
+    if requested != "auto":
+        return requested
+    launched_with = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched_with != "no":
+        return launched_with
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def make_accelerator(args, output_dir):
+    if torch.cuda.is_available():
+        # TF32 matmuls: ~free speed on Ampere and newer, precision loss irrelevant for training.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    report_to = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        mixed_precision=choose_mixed_precision(args.mixed_precision),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=report_to,
+        project_dir=str(output_dir),
+        # We step the scheduler ourselves, once per optimizer step. Left to Accelerate,
+        # a prepared scheduler steps once per process, so warmup and decay would be
+        # counted in the wrong unit on several GPUs.
+        step_scheduler_with_optimizer=False,
+        # The shuffle order of epoch e depends only on (seed, e): a resumed run sees
+        # exactly the batches the interrupted one would have seen.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        # torchrun on a machine without GPUs: each process would train alone, all
+        # writing the same files.
+        raise UserError(
+            f"{world_size} processes were launched but each runs alone; on CPU set "
+            "ACCELERATE_USE_CPU=1 (or use `accelerate launch --cpu`)"
+        )
+    set_seed(args.seed)
+    return accelerator
+
+
+def data_generator(seed):
+    """Give each DataLoader its own generator, so iterating one never draws from the
+    global RNG (which dropout uses, and which checkpoints restore)."""
+    return torch.Generator().manual_seed(seed)
+
+
+def make_optimizer(model, args, device):
+    """AdamW without weight decay on biases and normalisation weights (the 1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"  # one kernel for all parameters instead of one per tensor
+    return torch.optim.AdamW(groups, lr=args.learning_rate, fused=fused)
+
+
+def training_steps(batches_per_epoch, args):
+    """Optimizer steps per epoch, in total, and the number of epochs that takes.
+
+    `batches_per_epoch` is per process (len of the prepared dataloader). A partial
+    accumulation at the end of an epoch still makes an optimizer step."""
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps:
+        total_steps = args.max_train_steps
+    else:
+        total_steps = args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    return steps_per_epoch, total_steps, num_epochs
+
+
+# ---------------------------------------------------------------------------
+# Training state and checkpoints.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """Where training stands. Saved inside every checkpoint, so progress never has to
+    be guessed from folder names."""
+
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on (per process)
+    completed_steps: int = 0  # optimizer steps, over all epochs
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    log_history: list = field(default_factory=list)
+
+
+class Checkpointer:
+    """Saves and finds checkpoints in <output_dir>/checkpoints.
+
+    A checkpoint is a folder written by `accelerator.save_state` (model weights as
+    safetensors, optimizer, scheduler, grad scaler, RNG states of every process) plus
+    training_state.json. It is written under a temporary name and renamed when
+    complete, so a crash mid-save never leaves a newest checkpoint that cannot load.
+    """
+
+    def __init__(self, accelerator, output_dir, args, fingerprint):
+        self.accelerator = accelerator
+        self.dir = Path(output_dir) / CHECKPOINTS
+        self.args = args
+        # Settings a resumed run must share with the run that wrote the checkpoint.
+        self.fingerprint = dict(fingerprint, num_processes=accelerator.num_processes)
+        self.last_save_time = time.monotonic()
+        self.signal_received = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        # Only note it: the loop saves at the next optimizer step, then exits.
+        # A second signal acts at once, as usual.
+        self.signal_received = signum
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+
+    # -- finding -----------------------------------------------------------
+
+    def complete_checkpoints(self):
+        """(state, path) for every checkpoint that is whole, oldest first; damaged ones
+        are skipped with a warning."""
+        found = []
+        if not self.dir.is_dir():
+            return found
+        for path in self.dir.iterdir():
+            if not path.is_dir() or path.name.startswith(".tmp"):
+                continue
+            try:
+                meta = json.loads((path / STATE_FILE).read_text())
+                for name, size in meta["files"].items():
+                    if (path / name).stat().st_size != size:
+                        raise ValueError(f"{name} has the wrong size")
+                found.append((meta, path))
+            except (OSError, ValueError, KeyError) as err:
+                self.accelerator.print(f"warning: skipping damaged checkpoint {path} ({err})")
+        found.sort(key=lambda mp: (mp[0]["state"]["completed_steps"], mp[0]["state"]["epoch"]))
+        return found
+
+    def resume(self):
+        """Load the newest complete checkpoint (or --resume_from_checkpoint) into the
+        prepared objects; return its TrainingState, or a fresh one."""
+        if self.args.no_resume:
+            if self.accelerator.is_main_process and self.dir.exists():
+                shutil.rmtree(self.dir)
+            self.accelerator.wait_for_everyone()
+            return TrainingState()
+        candidates = self.complete_checkpoints()
+        if self.args.resume_from_checkpoint:
+            wanted = Path(self.args.resume_from_checkpoint).resolve()
+            candidates = [(m, p) for m, p in candidates if p.resolve() == wanted]
+            if not candidates:
+                raise UserError(
+                    f"--resume_from_checkpoint {wanted} is not a complete checkpoint; "
+                    f"pick one in {self.dir}, or drop the flag"
+                )
+        for meta, path in reversed(candidates):
+            self.check_fingerprint(meta["fingerprint"], path)
+            try:
+                self.accelerator.load_state(str(path))
+            except Exception as err:  # a file that is whole in size but unreadable
+                self.accelerator.print(f"warning: could not load checkpoint {path} ({err}); trying an older one")
+                continue
+            state = TrainingState(**meta["state"])
+            self.accelerator.print(
+                f"Resumed from {path}: epoch {state.epoch}, "
+                f"step {state.completed_steps}, batch {state.batch_in_epoch} of the epoch"
+            )
+            return state
+        return TrainingState()
+
+    def check_fingerprint(self, saved, path):
+        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self.fingerprint.items() if saved.get(k) != v]
+        if changed:
+            raise UserError(
+                f"the checkpoint in {path.parent} was made with other settings ({'; '.join(changed)}); "
+                "use the same settings to resume, or --no_resume / another --output_dir to start fresh"
+            )
+
+    # -- saving ------------------------------------------------------------
+
+    def save_due(self, state):
+        """After an optimizer step: is a save due (steps, minutes, or a signal)? All
+        processes must agree, so the main process's clock and signals decide."""
+        steps = self.args.checkpointing_steps
+        due = bool(steps and state.completed_steps % steps == 0)
+        minutes = self.args.save_every_minutes
+        due = due or bool(minutes and time.monotonic() - self.last_save_time >= 60 * minutes)
+        due = due or self.signal_received is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(due)], device=self.accelerator.device)
+            due = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        return due
+
+    def save(self, state):
+        name = f"step_{state.completed_steps:08d}"
+        final = self.dir / name
+        tmp = self.dir / f".tmp-{name}"
+        acc = self.accelerator
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)  # every process writes its RNG state
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            files = {f.name: f.stat().st_size for f in tmp.iterdir()}
+            meta = {"state": asdict(state), "fingerprint": self.fingerprint, "files": files}
+            write_json(tmp / STATE_FILE, meta)
+            for f in tmp.iterdir():
+                fsync(f)
+            if final.exists():  # the same step saved again (at the end of an epoch)
+                old = self.dir / f".old-{name}"
+                final.rename(old)
+                tmp.rename(final)
+                delete_tree(old)
+            else:
+                tmp.rename(final)
+            self.rotate()
+        acc.wait_for_everyone()
+        self.last_save_time = time.monotonic()
+        return final
+
+    def rotate(self):
+        """Keep the newest --keep_last complete checkpoints."""
+        complete = self.complete_checkpoints()
+        for _, path in complete[: -self.args.keep_last]:
+            delete_tree(path)
+        for path in self.dir.iterdir():  # leftovers of saves that were killed
+            if path.name.startswith((".tmp", ".old")):
+                delete_tree(path)
+
+    def exit_if_signalled(self, state):
+        if self.signal_received is not None:
+            name = signal.Signals(self.signal_received).name
+            self.accelerator.print(
+                f"\n{name} received: saved step {state.completed_steps}. Run the same command again to continue."
+            )
+            raise SystemExit(128 + self.signal_received)
+
+
+def write_json(path, obj):
+    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def fsync(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def delete_tree(path):
+    """Delete a folder. Files are emptied first: Google Drive keeps deleted files in its
+    trash for 30 days and counts them against the quota, but an empty file costs nothing."""
+    for f in Path(path).rglob("*"):
+        if f.is_file():
+            with contextlib.suppress(OSError):
+                os.truncate(f, 0)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def export_model(accelerator, model, tokenizer, path):
+    """Save a Hugging Face model directory (safetensors + config + tokenizer) that
+    `from_pretrained` and `pipeline` load; swapped in atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, save_function=accelerator.save)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            old = path.with_name(f".old-{path.name}")
+            path.rename(old)
+            tmp.rename(path)
+            delete_tree(old)
+        else:
+            tmp.rename(path)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------
+# Evaluation, metrics, throughput, logging.
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, dataloader, per_example):
+    """Run `per_example(model, batch)` -> dict of tensors with one row per example over
+    the whole dataloader; return them concatenated over all batches and processes.
+
+    `gather_for_metrics` drops the examples that the last batch repeats to keep
+    processes even, so metrics are exact for any number of processes. Returning
+    per-example values (not per-batch means) keeps a small last batch from skewing
+    averages."""
+    model.eval()
+    parts = {}
+    for batch in dataloader:
+        out = accelerator.gather_for_metrics(per_example(model, batch))
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v.cpu())
+    model.train()
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def load_metric(name, fallback):
+    """An `evaluate` metric, or `fallback` with the same `compute(...)` when the hub
+    cannot be reached (evaluate fetches metric code from the hub on first use)."""
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        try:
+            import evaluate
+
+            return evaluate.load(name).compute
+        except Exception:
+            pass
+    return fallback
+
+
+class Throughput:
+    """Counts tokens on the device (no host sync per step); reports tokens/s over all
+    processes when asked."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        self.start = time.perf_counter()
+
+    def add(self, num_tokens):
+        self.tokens += num_tokens
+
+    def tokens_per_second(self):
+        total = self.accelerator.reduce(self.tokens.clone(), reduction="sum").item()
+        elapsed = time.perf_counter() - self.start
+        self.tokens.zero_()
+        self.start = time.perf_counter()
+        return total / max(elapsed, 1e-9)
+
+
+def mean_over_processes(accelerator, values):
+    """Mean of a list of 0-d tensors on this process, averaged over processes."""
+    local = torch.stack(values).float().mean()
+    return accelerator.reduce(local, reduction="mean").item()
+
+
+def log_metrics(accelerator, state, metrics):
+    """Record metrics in the training state (saved with checkpoints) and the trackers."""
+    entry = {"step": state.completed_steps, "epoch": state.epoch, **metrics}
+    state.log_history.append(entry)
+    accelerator.log(metrics, step=state.completed_steps)
+    return entry
+
+
+def improved(value, best, greater_is_better):
+    return best is None or (value > best if greater_is_better else value < best)
+
+
+def params_summary(model):
+    n = sum(p.numel() for p in model.parameters())
+    return f"{n:,} parameters"

@@ -1,0 +1,408 @@
+"""train_classifier.py end to end, on a tiny BERT and a toy task written by the tests."""
+
+import csv
+import hashlib
+import json
+import math
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import helpers
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+import common
+import train_classifier
+
+EPOCHS = 4
+BATCH = 16  # 400 rows -> 25 optimizer steps per epoch
+
+
+def argv(model, train, dev, out, *extra):
+    base = [
+        "--model_name_or_path",
+        model,
+        "--train_file",
+        train,
+        "--validation_file",
+        dev,
+        "--output_dir",
+        out,
+        "--learning_rate",
+        "3e-3",
+        "--per_device_train_batch_size",
+        BATCH,
+        "--per_device_eval_batch_size",
+        7,
+        "--num_train_epochs",
+        EPOCHS,
+        "--logging_steps",
+        5,
+        "--save_every_minutes",
+        0,
+    ]
+    return [str(a) for a in base + list(extra)]
+
+
+def checkpoints(out):
+    return sorted((Path(out) / "checkpoints").iterdir())
+
+
+def newest_state(out):
+    return json.loads((checkpoints(out)[-1] / common.STATE_FILE).read_text())["state"]
+
+
+def final_weights(out):
+    return (checkpoints(out)[-1] / "model.safetensors").read_bytes()
+
+
+def digest(folder):
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
+
+
+def eval_entries(state):
+    return [e for e in state["log_history"] if "eval_loss" in e]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bert, toy_files, tmp_path_factory):
+    """One complete training run, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("trained")
+    train_classifier.main(argv(tiny_bert, *toy_files, out))
+    return out
+
+
+def test_learns_toy_task(trained):
+    results = json.loads((trained / "eval_results.json").read_text())
+    assert results["accuracy"] >= 0.9  # chance is 0.5
+    state = newest_state(trained)
+    assert state["completed_steps"] == EPOCHS * 25 and state["epoch"] == EPOCHS
+    losses = [e["train_loss"] for e in state["log_history"] if "train_loss" in e]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_exported_model_predicts_in_pipeline(trained):
+    classifier = pipeline("text-classification", model=str(trained / "best"))
+    predictions = classifier(["w1 w2 good w3", "w4 awful w5 w6", "great w7", "w8 w9 w10 bad"])
+    assert [p["label"] for p in predictions] == ["pos", "neg", "pos", "neg"]
+
+
+def test_metrics_equal_hand_computation(tiny_bert, toy_files, tmp_path):
+    # A briefly trained model: imperfect predictions make accuracy and F1 informative.
+    train_classifier.main(argv(tiny_bert, *toy_files, tmp_path / "brief", "--max_train_steps", 9))
+    model_dir = tmp_path / "brief" / "best"
+    # 30 examples in batches of 7: the last batch holds 2, so per-batch averaging would skew the loss.
+    metrics = train_classifier.main(argv(model_dir, *toy_files, tmp_path / "out", "--eval_only"))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    rows = list(csv.DictReader(open(toy_files[1])))
+    losses, tp, fp, fn, correct = [], 0, 0, 0, 0
+    for row in rows:  # one example at a time: no padding, no batching
+        with torch.no_grad():
+            logits = model(**tokenizer(row["text"], return_tensors="pt")).logits[0]
+        label = model.config.label2id[row["label"]]
+        losses.append(-torch.log_softmax(logits, -1)[label].item())
+        pred = int(logits.argmax())
+        correct += pred == label
+        tp += pred == 1 and label == 1
+        fp += pred == 1 and label == 0
+        fn += pred == 0 and label == 1
+    accuracy = correct / len(rows)
+    assert 0.2 < accuracy < 0.8 and tp > 0, "the check needs imperfect, mixed predictions"
+    assert metrics["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert metrics["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-12)
+    assert metrics["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_compute_metrics_matches_hand_computation():
+    predictions = [0, 1, 1, 0, 1, 2, 2, 0]
+    references = [0, 1, 0, 0, 2, 2, 1, 1]
+    m = train_classifier.compute_metrics(predictions, references, num_labels=3)
+    assert m["accuracy"] == pytest.approx(4 / 8)
+    # per class F1 = 2tp / (2tp + fp + fn): class 0: tp2 fp1 fn1; class 1: tp1 fp2 fn2; class 2: tp1 fp1 fn1
+    assert m["f1"] == pytest.approx((4 / 6 + 2 / 6 + 2 / 4) / 3)
+    binary = train_classifier.compute_metrics([1, 1, 0, 0, 1], [1, 0, 0, 1, 1], num_labels=2)
+    assert binary == pytest.approx({"accuracy": 3 / 5, "f1": 2 * 2 / (2 * 2 + 1 + 1)})
+
+
+def test_metrics_without_network_do_not_hang(monkeypatch):
+    # With HF_HUB_OFFLINE unset, `evaluate` tries the hub; without network it must fall back, quickly.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    start = time.monotonic()
+    m = train_classifier.compute_metrics([1, 0, 1], [1, 1, 1], num_labels=2)
+    assert m == pytest.approx({"accuracy": 2 / 3, "f1": 0.8})
+    assert time.monotonic() - start < 120
+
+
+def test_finished_run_is_not_trained_again_and_more_epochs_continue(trained, tiny_bert, toy_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    before = digest(out / "checkpoints")
+    state = train_classifier.main(argv(tiny_bert, *toy_files, out))
+    assert "already finished" in capsys.readouterr().out
+    assert digest(out / "checkpoints") == before
+    assert state.completed_steps == EPOCHS * 25
+
+    state = train_classifier.main(argv(tiny_bert, *toy_files, out, "--num_train_epochs", EPOCHS + 1))
+    assert state.completed_steps == (EPOCHS + 1) * 25 and state.epoch == EPOCHS + 1
+    assert newest_state(out)["completed_steps"] == (EPOCHS + 1) * 25
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tiny_bert, toy_files, tmp_path, capsys):
+    full = tmp_path / "full"
+    train_classifier.main(argv(tiny_bert, *toy_files, full, "--checkpointing_steps", 7, "--keep_last", 100))
+    # Pretend the run died after step 31: only checkpoints up to step 28 (epoch 2, batch 3) exist.
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for path in checkpoints(cut):
+        if int(path.name.split("_")[1]) > 31:
+            shutil.rmtree(path)
+    # Progress comes from the checkpoint's own metadata, not from its folder name.
+    checkpoints(cut)[-1].rename(cut / "checkpoints" / "my-backup")
+    capsys.readouterr()
+    train_classifier.main(argv(tiny_bert, *toy_files, cut, "--checkpointing_steps", 7, "--keep_last", 100))
+    assert "step 28, batch 3 of the epoch" in capsys.readouterr().out
+    assert final_weights(cut) == final_weights(full)
+    assert eval_entries(newest_state(cut)) == eval_entries(newest_state(full))
+
+
+def test_damaged_newest_checkpoint_is_skipped(trained, tiny_bert, toy_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    newest, older = checkpoints(out)[-1], checkpoints(out)[-2]
+    expected = (newest / "model.safetensors").read_bytes()
+    with open(newest / "model.safetensors", "r+b") as f:  # as if killed while writing
+        f.truncate(1000)
+    capsys.readouterr()
+    train_classifier.main(argv(tiny_bert, *toy_files, out))
+    printed = capsys.readouterr().out
+    assert f"skipping damaged checkpoint {newest}" in printed
+    assert f"Resumed from {older}" in printed
+    assert final_weights(out) == expected
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(tiny_bert, toy_files, tmp_path):
+    reference = tmp_path / "reference"
+    train_classifier.main(argv(tiny_bert, *toy_files, reference))
+
+    out = tmp_path / "killed"
+    args = argv(tiny_bert, *toy_files, out, "--checkpointing_steps", 2)
+    target = random.Random().randint(4, EPOCHS * 25 - 10)  # a random point, printed if the test fails
+    proc = subprocess.Popen(
+        helpers.script_command("train_classifier.py", *args),
+        cwd=helpers.REPO,
+        env=helpers.offline_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        names = [p.name for p in (out / "checkpoints").glob("step_*")] if (out / "checkpoints").exists() else []
+        if any(int(n.split("_")[1]) >= target for n in names):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    assert proc.wait() == -signal.SIGKILL, f"not killed at step {target}: {proc.stderr.read()[-2000:]}"
+    killed_at = newest_state(out)["completed_steps"]
+    assert killed_at < EPOCHS * 25
+
+    resumed = helpers.run_script("train_classifier.py", *args)
+    assert "Resumed from" in resumed.stdout, resumed.stdout
+    assert final_weights(out) == final_weights(reference), f"killed after step {target}"
+    assert (out / "best" / "model.safetensors").read_bytes() == (reference / "best" / "model.safetensors").read_bytes()
+    assert eval_entries(newest_state(out)) == eval_entries(newest_state(reference))
+
+
+def test_scheduler_counts_optimizer_steps_with_accumulation(tiny_bert, toy_files, tmp_path):
+    # 100 rows in batches of 8 = 13 batches; accumulating 3 gives 5 optimizer steps per epoch
+    # (the last one from a partial accumulation), 10 in all, 4 of them warmup.
+    state = train_classifier.main(
+        argv(
+            tiny_bert,
+            *toy_files,
+            tmp_path,
+            "--max_train_samples",
+            100,
+            "--per_device_train_batch_size",
+            8,
+            "--gradient_accumulation_steps",
+            3,
+            "--num_train_epochs",
+            2,
+            "--num_warmup_steps",
+            4,
+            "--logging_steps",
+            1,
+            "--learning_rate",
+            "1e-3",
+        )
+    )
+    assert state.completed_steps == 10
+    lrs = {e["step"]: e["learning_rate"] for e in state.log_history if "learning_rate" in e}
+    expected = {s: 1e-3 * (s / 4 if s < 4 else (10 - s) / 6) for s in range(1, 11)}
+    assert lrs == pytest.approx(expected)
+
+
+def test_training_steps_arithmetic():
+    class A:
+        gradient_accumulation_steps, num_train_epochs, max_train_steps = 4, 3, None
+
+    assert common.training_steps(10, A) == (3, 9, 3)  # ceil(10 / 4) = 3 steps per epoch
+    A.max_train_steps = 7
+    assert common.training_steps(10, A) == (3, 7, 3)
+
+
+def torchrun(*args):
+    command = [
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(random.randint(20000, 40000)),
+        str(helpers.REPO / "train_classifier.py"),
+        *map(str, args),
+    ]
+    proc = subprocess.run(
+        command,
+        cwd=helpers.REPO,
+        env=helpers.offline_env(ACCELERATE_USE_CPU="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_train_and_evaluate_like_one(tiny_bert, toy_files, tmp_path):
+    out = tmp_path / "two"
+    proc = torchrun(*argv(tiny_bert, *toy_files, out, "--num_train_epochs", 2, "--gradient_accumulation_steps", 3))
+    assert "on 2 process(es)" in proc.stdout
+    # 400 rows / (16 per process x 2 processes) = 13 batches per process -> ceil(13 / 3) = 5 steps per epoch.
+    state = newest_state(out)
+    assert state["completed_steps"] == 10
+    assert [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e][-1] == 0.0
+    assert {p.name for p in checkpoints(out)[-1].glob("random_states_*")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    # The same model evaluated on 1 and on 2 processes: 30 examples in batches of 7 do not
+    # split evenly, so the second process pads its last batch; the metrics must not notice.
+    helpers.run_script("train_classifier.py", *argv(out / "best", *toy_files, tmp_path / "eval1", "--eval_only"))
+    one = json.loads((tmp_path / "eval1" / "eval_results.json").read_text())
+    torchrun(*argv(out / "best", *toy_files, tmp_path / "eval2", "--eval_only"))
+    two = json.loads((tmp_path / "eval2" / "eval_results.json").read_text())
+    assert two == pytest.approx(one, rel=1e-6)
+    assert one["accuracy"] == json.loads((out / "eval_results.json").read_text())["accuracy"]
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line, exit code 2, no traceback, and the existing checkpoint untouched.
+# ---------------------------------------------------------------------------
+
+
+def bad_input(tmp_path, toy_files):
+    """name -> (train file, validation file, words the message must contain)"""
+    train, dev = toy_files
+    d = tmp_path
+
+    def write(name, text):
+        (d / name).write_text(text)
+        return d / name
+
+    return {
+        "missing file": (d / "nope.csv", dev, ["not found", "nope.csv"]),
+        "directory": (d, dev, ["not a file"]),
+        "extension": (write("train.xlsx", "x"), dev, ["unsupported extension", ".xlsx"]),
+        "columns": (write("cols.csv", "sentence,target\na,b\nc,d\n"), dev, ["'text'", "sentence", "target"]),
+        "no label": (write("nolabel.csv", "text,y\na,b\n"), dev, ["'label'"]),
+        "empty": (write("empty.csv", "text,label\n"), dev, ["empty"]),
+        "unseen labels": (
+            train,
+            write("dev.csv", "text,label\nw1 good,pos\nw2 meh,neutral\n"),
+            ["never seen", "neutral"],
+        ),
+        "blank label": (
+            write("blank.csv", "text,label\nw1 good,pos\nw2 bad,\nw3 bad,neg\n"),
+            dev,
+            ["empty label", "row 2"],
+        ),
+        "unparsable": (write("broken.csv", "text,label\nw1 good,pos\nw2,bad,neg,x\n"), dev, ["could not be parsed"]),
+    }
+
+
+CASES = [
+    "missing file",
+    "directory",
+    "extension",
+    "columns",
+    "no label",
+    "empty",
+    "unseen labels",
+    "blank label",
+    "unparsable",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gets_one_line_and_keeps_checkpoint(case, trained, tiny_bert, toy_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    before = digest(out)
+    train, dev, words = bad_input(tmp_path, toy_files)[case]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_classifier.main(argv(tiny_bert, train, dev, out))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.strip().endswith(errors[0]), err
+    for word in words:
+        assert word in errors[0]
+    assert digest(out) == before
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tiny_bert, toy_files, tmp_path):
+    proc = helpers.run_script(
+        "train_classifier.py", *argv(tiny_bert, tmp_path / "missing.tsv", toy_files[1], tmp_path / "out"), check=False
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: file not found")
+
+
+def test_changed_settings_refuse_to_resume(trained, tiny_bert, toy_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    with pytest.raises(SystemExit):
+        train_classifier.main(argv(tiny_bert, *toy_files, out, "--per_device_train_batch_size", 8))
+    err = capsys.readouterr().err
+    assert "per_device_train_batch_size: 16 -> 8" in err and "--no_resume" in err
+
+
+def test_tsv_pairs_and_integer_labels(tiny_bert, tmp_path):
+    rows = helpers.toy_rows(60, seed=5, pair=True)
+    for r in rows:
+        r["label"] = 1 if r["label"] == "pos" else 0
+        r["sentence1"] = 'he said "hi' + r["sentence1"]  # a stray quote, as in MRPC
+    train = helpers.write_csv(tmp_path / "train.tsv", rows[:50], delimiter="\t")
+    dev = helpers.write_csv(tmp_path / "dev.tsv", rows[50:], delimiter="\t")
+    # csv.DictWriter quoted the fields with quotes in them; write them raw, as GLUE does.
+    for path, part in ((train, rows[:50]), (dev, rows[50:])):
+        lines = ["sentence1\tsentence2\tlabel"] + [f"{r['sentence1']}\t{r['sentence2']}\t{r['label']}" for r in part]
+        path.write_text("\n".join(lines) + "\n")
+    train_classifier.main(argv(tiny_bert, train, dev, tmp_path / "out", "--num_train_epochs", 1))
+    config = json.loads((tmp_path / "out" / "best" / "config.json").read_text())
+    assert config["id2label"] == {"0": "0", "1": "1"}
+    assert math.isfinite(json.loads((tmp_path / "out" / "eval_results.json").read_text())["loss"])
