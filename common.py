@@ -15,6 +15,7 @@ Nothing here knows about a particular script's model or data.
 
 import argparse
 import contextlib
+import glob
 import json
 import math
 import os
@@ -170,6 +171,83 @@ def resolve_output_dir(args, script_name):
     if args.drive or (in_colab() and os.path.isdir(DRIVE_ROOT)):
         return Path(DRIVE_ROOT) / DRIVE_FOLDER / script_name
     return Path("outputs") / script_name
+
+
+# ---------------------------------------------------------------------------
+# Plain-text data (the language-model scripts).
+# ---------------------------------------------------------------------------
+
+TEXT_EXTENSIONS = (".txt", ".raw", ".text")
+
+
+def text_files(pattern, flag):
+    """Files matching a path or glob, each checked to be a readable plain-text file."""
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [Path(pattern)]
+    if not paths:
+        raise UserError(f"{flag} {pattern}: no file matches; check the path or pattern")
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"{flag} {path} is a directory; pass the text files (a glob such as '{path}/*.txt' works)")
+        if not path.is_file():
+            raise UserError(f"{flag} {path}: file not found; check the path")
+        if path.suffix.lower() not in TEXT_EXTENSIONS:
+            raise UserError(
+                f"{flag} {path}: unsupported extension '{path.suffix}'; use plain text ({', '.join(TEXT_EXTENSIONS)})"
+            )
+    return [str(p) for p in paths]
+
+
+def load_text_data(args):
+    """Train and validation `datasets.Dataset`s with one `text` row per line of text:
+    local files (--train_file, globs allowed), or a hub data set (--dataset_name)."""
+    import datasets
+
+    if args.train_file:
+        train = datasets.load_dataset("text", data_files=text_files(args.train_file, "--train_file"), split="train")
+        if args.validation_file:
+            files = text_files(args.validation_file, "--validation_file")
+            validation = datasets.load_dataset("text", data_files=files, split="train")
+        else:
+            train, validation = split_off_validation(train, args)
+        names = {"train": args.train_file, "validation": args.validation_file or args.train_file}
+    else:
+        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        train = raw["train"]
+        validation = raw["validation"] if "validation" in raw else None
+        if validation is None:
+            train, validation = split_off_validation(train, args)
+        names = {"train": args.dataset_name, "validation": args.dataset_name}
+    for split, data in (("train", train), ("validation", validation)):
+        if not any(line.strip() for line in data["text"]):
+            raise UserError(f"{names[split]}: the {split} text is empty; give it some text")
+    if args.max_train_samples:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples:
+        validation = validation.select(range(min(args.max_eval_samples, len(validation))))
+    return train, validation
+
+
+def split_off_validation(train, args):
+    """Hold out the last --validation_split_percentage of the lines (contiguous, so held-out
+    text is not interleaved with training text)."""
+    n_val = max(1, len(train) * args.validation_split_percentage // 100)
+    if len(train) < 2:
+        raise UserError(
+            "the training text has fewer than 2 lines: too little to hold out validation text; "
+            "add text or pass --validation_file"
+        )
+    return train.select(range(len(train) - n_val)), train.select(range(len(train) - n_val, len(train)))
+
+
+def group_texts(examples, block_size):
+    """For `Dataset.map(batched=True)`: concatenate the token lists of a batch of lines and
+    cut them into blocks of exactly `block_size` tokens, so no compute goes to padding.
+    The tail that does not fill a block is dropped, once per map batch: map with
+    batch_size=None to lose only the final partial block of the whole text.
+    """
+    concatenated = {k: [t for seq in examples[k] for t in seq] for k in examples}
+    total = (len(next(iter(concatenated.values()))) // block_size) * block_size
+    return {k: [seq[i : i + block_size] for i in range(0, total, block_size)] for k, seq in concatenated.items()}
 
 
 # ---------------------------------------------------------------------------
