@@ -34,6 +34,11 @@ EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 def parse_args(argv=None):
     parser = common.build_parser(__doc__.split("\n")[0])
     parser.add_argument("--max_seq_length", type=int, default=128, help="truncate longer inputs to this many tokens")
+    parser.add_argument(
+        "--pad_to_max_length",
+        action="store_true",
+        help="pad every batch to --max_seq_length instead of to its longest example",
+    )
     parser.add_argument("--metric_for_best_model", default="accuracy", choices=["accuracy", "f1", "loss"])
     parser.add_argument(
         "--early_stopping_patience",
@@ -242,6 +247,8 @@ def train(args):
     # Multiples of 8 let tensor cores work on GPUs under mixed precision.
     pad_to = 8 if accelerator.mixed_precision != "no" else None
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to)
+    if args.pad_to_max_length:  # fixed shapes (what TPUs want), at the cost of computing on padding
+        collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=args.max_seq_length)
     train_dataloader = DataLoader(
         train_data,
         shuffle=True,
