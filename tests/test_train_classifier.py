@@ -406,3 +406,31 @@ def test_tsv_pairs_and_integer_labels(tiny_bert, tmp_path):
     config = json.loads((tmp_path / "out" / "best" / "config.json").read_text())
     assert config["id2label"] == {"0": "0", "1": "1"}
     assert math.isfinite(json.loads((tmp_path / "out" / "eval_results.json").read_text())["loss"])
+
+
+def test_early_stopping_and_tensorboard(tiny_bert, toy_files, tmp_path, capsys):
+    # A learning rate of 0 never improves the validation loss: patience 1 stops after the second evaluation.
+    args = argv(
+        tiny_bert,
+        *toy_files,
+        tmp_path,
+        "--learning_rate",
+        0,
+        "--metric_for_best_model",
+        "loss",
+        "--early_stopping_patience",
+        1,
+        "--report_to",
+        "tensorboard",
+    )
+    state = train_classifier.main(args)
+    assert state.stopped_early and state.epoch == 2 and state.best_step == 25
+    assert "stopping early" in capsys.readouterr().out
+    assert list(tmp_path.glob("train_classifier/events.out.tfevents.*"))
+    assert train_classifier.main(args).completed_steps == 50  # stopped runs stay stopped
+
+
+def test_drive_outside_colab_says_so(tiny_bert, toy_files, capsys):
+    with pytest.raises(SystemExit):
+        train_classifier.main(argv(tiny_bert, *toy_files, "unused", "--drive"))
+    assert "only inside Google Colab" in capsys.readouterr().err
