@@ -191,36 +191,59 @@ def test_damaged_newest_checkpoint_is_skipped(trained, tiny_bert, toy_files, tmp
     assert final_weights(out) == expected
 
 
-def test_sigkill_then_rerun_equals_uninterrupted(tiny_bert, toy_files, tmp_path):
-    reference = tmp_path / "reference"
-    train_classifier.main(argv(tiny_bert, *toy_files, reference))
-
-    out = tmp_path / "killed"
-    args = argv(tiny_bert, *toy_files, out, "--checkpointing_steps", 2)
-    target = random.Random().randint(4, EPOCHS * 25 - 10)  # a random point, printed if the test fails
-    proc = subprocess.Popen(
+def start_run(args):
+    return subprocess.Popen(
         helpers.script_command("train_classifier.py", *args),
         cwd=helpers.REPO,
         env=helpers.offline_env(),
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        text=True,
     )
+
+
+def signal_after_step(proc, out, target, sig):
+    """Send `sig` once a checkpoint of step >= target exists (the run saves every 2 steps)."""
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
         names = [p.name for p in (out / "checkpoints").glob("step_*")] if (out / "checkpoints").exists() else []
         if any(int(n.split("_")[1]) >= target for n in names):
-            proc.send_signal(signal.SIGKILL)
-            break
+            proc.send_signal(sig)
+            return
         time.sleep(0.002)
-    assert proc.wait() == -signal.SIGKILL, f"not killed at step {target}: {proc.stderr.read()[-2000:]}"
-    killed_at = newest_state(out)["completed_steps"]
-    assert killed_at < EPOCHS * 25
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(trained, tiny_bert, toy_files, tmp_path):
+    out = tmp_path / "killed"
+    args = argv(tiny_bert, *toy_files, out, "--checkpointing_steps", 2)
+    target = random.Random().randint(4, EPOCHS * 25 - 10)  # a random point, printed if the test fails
+    proc = start_run(args)
+    signal_after_step(proc, out, target, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, f"not killed at step {target}: {proc.communicate()[1][-2000:]}"
+    assert newest_state(out)["completed_steps"] < EPOCHS * 25
 
     resumed = helpers.run_script("train_classifier.py", *args)
     assert "Resumed from" in resumed.stdout, resumed.stdout
-    assert final_weights(out) == final_weights(reference), f"killed after step {target}"
-    assert (out / "best" / "model.safetensors").read_bytes() == (reference / "best" / "model.safetensors").read_bytes()
-    assert eval_entries(newest_state(out)) == eval_entries(newest_state(reference))
+    # `trained` is the same command, never interrupted.
+    assert final_weights(out) == final_weights(trained), f"killed after step {target}"
+    assert (out / "best" / "model.safetensors").read_bytes() == (trained / "best" / "model.safetensors").read_bytes()
+    assert eval_entries(newest_state(out)) == eval_entries(newest_state(trained))
+
+
+def test_sigterm_saves_then_rerun_continues_from_that_step(trained, tiny_bert, toy_files, tmp_path):
+    out = tmp_path / "terminated"
+    proc = start_run(argv(tiny_bert, *toy_files, out, "--checkpointing_steps", 2))
+    signal_after_step(proc, out, 30, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    saved = newest_state(out)["completed_steps"]
+    assert f"SIGTERM received: saved step {saved}" in stdout
+    assert "Traceback" not in stderr
+
+    # Re-run without step saves: the only way to continue from `saved` is the checkpoint the signal wrote.
+    resumed = helpers.run_script("train_classifier.py", *argv(tiny_bert, *toy_files, out))
+    assert f"step {saved}," in resumed.stdout.split("Resumed from")[1].splitlines()[0]
+    assert final_weights(out) == final_weights(trained)
 
 
 def test_scheduler_counts_optimizer_steps_with_accumulation(tiny_bert, toy_files, tmp_path):
