@@ -197,16 +197,22 @@ def text_files(pattern, flag):
     return [str(p) for p in paths]
 
 
-def load_text_data(args):
+def load_text_data(args, keep_linebreaks=True):
     """Train and validation `datasets.Dataset`s with one `text` row per line of text:
-    local files (--train_file, globs allowed), or a hub data set (--dataset_name)."""
+    local files (--train_file, globs allowed), or a hub data set (--dataset_name).
+
+    keep_linebreaks leaves the "\n" at the end of each line, as hub text sets such as
+    WikiText have it, so a packed token stream keeps the text's line structure."""
     import datasets
 
+    def load_files(pattern, flag):
+        files = text_files(pattern, flag)
+        return datasets.load_dataset("text", data_files=files, split="train", keep_linebreaks=keep_linebreaks)
+
     if args.train_file:
-        train = datasets.load_dataset("text", data_files=text_files(args.train_file, "--train_file"), split="train")
+        train = load_files(args.train_file, "--train_file")
         if args.validation_file:
-            files = text_files(args.validation_file, "--validation_file")
-            validation = datasets.load_dataset("text", data_files=files, split="train")
+            validation = load_files(args.validation_file, "--validation_file")
         else:
             train, validation = split_off_validation(train, args)
         names = {"train": args.train_file, "validation": args.validation_file or args.train_file}
