@@ -14,21 +14,26 @@ Nothing here knows about a particular script's model or data.
 """
 
 import argparse
+import atexit
 import contextlib
+import errno
 import glob
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import load as accelerate_load
 
 # Colab mounts Google Drive here; outputs default to a folder inside it.
 DRIVE_MOUNT = "/content/drive"
@@ -37,6 +42,7 @@ DRIVE_FOLDER = "lm-training"
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete
+LOCK_FILE = ".lock"  # in --output_dir while a run uses it
 
 
 # ---------------------------------------------------------------------------
@@ -48,13 +54,35 @@ class UserError(Exception):
     """Bad input or a bad setting: the message names the problem and the fix."""
 
 
+# Errors of the disk, not of the program: a full disk or Drive quota, a read-only place.
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
 def run(train_fn, args):
-    """Call train_fn(args); turn a UserError into one line on stderr and exit code 2."""
+    """Call train_fn(args); turn a UserError (or a full or unwritable disk) into one line
+    on stderr and exit code 2. The output folder's lock is released however it ends."""
     try:
         return train_fn(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        user_error(str(err))
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        user_error(
+            f"cannot write {err.filename or 'the output'} ({err.strerror}); free some space or pass "
+            "another --output_dir, then run the same command again (complete checkpoints are intact)"
+        )
+    finally:
+        OutputLock.release_held()
+
+
+def user_error(message):
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()  # so the message starts on a line of its own
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 # ---------------------------------------------------------------------------
@@ -171,6 +199,121 @@ def resolve_output_dir(args, script_name):
     if args.drive or (in_colab() and os.path.isdir(DRIVE_ROOT)):
         return Path(DRIVE_ROOT) / DRIVE_FOLDER / script_name
     return Path("outputs") / script_name
+
+
+class OutputLock:
+    """One run per output folder. Two runs writing checkpoints into the same folder
+    would wreck each other's, so the second one refuses to start.
+
+    The lock is a file naming the host and process that holds it, touched every
+    HEARTBEAT seconds while the run lives. A run killed with SIGKILL (or a Colab
+    runtime that vanished) cannot remove it, so a lock is taken over when its process
+    is gone (same machine) or its heartbeat is older than STALE seconds (another
+    machine, e.g. an earlier Colab runtime writing to the same Drive folder)."""
+
+    HEARTBEAT = 20
+    STALE = 120
+    held = None
+
+    def __init__(self, output_dir):
+        self.path = Path(output_dir) / LOCK_FILE
+        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.stop = threading.Event()
+
+    def acquire(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(
+                f"cannot create --output_dir {self.path.parent} ({err.strerror}); pass a writable folder"
+            ) from None
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                self.check_holder()
+                continue
+            except OSError as err:
+                raise UserError(
+                    f"cannot write in --output_dir {self.path.parent} ({err.strerror}); pass a writable folder"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+            break
+        else:
+            raise UserError(f"could not lock {self.path}; another run keeps taking it, or remove the file")
+        OutputLock.held = self
+        threading.Thread(target=self.heartbeat, daemon=True).start()
+        atexit.register(OutputLock.release_held)
+
+    def check_holder(self):
+        """The lock exists: refuse if its run is alive, else remove it (taken over next try)."""
+        try:
+            holder = json.loads(self.path.read_text())
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return  # released meanwhile
+        except (OSError, ValueError):
+            holder, age = {}, time.time() - self.path.stat().st_mtime  # being written, or garbage
+        same_host = holder.get("host") == self.me["host"]
+        if holder == self.me:
+            alive = False  # our own, left by an earlier call in this process
+        elif same_host:
+            alive = age < self.STALE and process_exists(holder.get("pid"))
+        else:
+            alive = age < self.STALE
+        if alive:
+            who = f"process {holder.get('pid')} on {holder.get('host')}" if holder else "another run"
+            raise UserError(
+                f"{self.path.parent} is in use by {who} (alive {age:.0f} s ago); wait for it to finish or stop it, "
+                "or pass another --output_dir"
+            )
+        print(f"warning: taking over the lock of a run that is gone ({holder or 'unreadable lock'})", file=sys.stderr)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def heartbeat(self):
+        while not self.stop.wait(self.HEARTBEAT):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self):
+        self.stop.set()
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(self.path.read_text()) == self.me:
+                self.path.unlink()
+
+    @classmethod
+    def release_held(cls):
+        if cls.held is not None:
+            cls.held.release()
+            cls.held = None
+
+
+def process_exists(pid):
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True  # exists but belongs to someone else, or unknown: assume alive
+    return True
+
+
+def lock_output_dir(accelerator, output_dir):
+    """The main process takes the output folder's lock; every process stops if it cannot."""
+    error = [None]
+    if accelerator.is_main_process:
+        try:
+            OutputLock(output_dir).acquire()
+        except UserError as err:
+            error = [str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error)
+    if error[0] is not None:
+        if accelerator.is_main_process:
+            raise UserError(error[0])
+        raise SystemExit(2)
 
 
 # ---------------------------------------------------------------------------
@@ -302,6 +445,7 @@ def make_accelerator(args, output_dir):
             f"{world_size} processes were launched but each runs alone; on CPU set "
             "ACCELERATE_USE_CPU=1 (or use `accelerate launch --cpu`)"
         )
+    lock_output_dir(accelerator, output_dir)
     set_seed(args.seed)
     return accelerator
 
@@ -402,7 +546,9 @@ class Checkpointer:
                 found.append((meta, path))
             except (OSError, ValueError, KeyError) as err:
                 self.accelerator.print(f"warning: skipping damaged checkpoint {path} ({err})")
-        found.sort(key=lambda mp: (mp[0]["state"]["completed_steps"], mp[0]["state"]["epoch"]))
+        # Newest = saved last (a run resumed from an older checkpoint makes newer-step
+        # ones stale), then by progress.
+        found.sort(key=lambda mp: (mp[0].get("serial", 0), mp[0]["state"]["completed_steps"], mp[0]["state"]["epoch"]))
         return found
 
     def resume(self):
@@ -422,12 +568,15 @@ class Checkpointer:
                     f"--resume_from_checkpoint {wanted} is not a complete checkpoint; "
                     f"pick one in {self.dir}, or drop the flag"
                 )
+        failed = []
         for meta, path in reversed(candidates):
             self.check_fingerprint(meta["fingerprint"], path)
             try:
-                self.accelerator.load_state(str(path))
-            except Exception as err:  # a file that is whole in size but unreadable
-                self.accelerator.print(f"warning: could not load checkpoint {path} ({err}); trying an older one")
+                self.load(path)
+            except Exception as err:  # whole in size but unreadable, or not safe to unpickle
+                reason = str(err).strip().splitlines()[0][:300]
+                self.accelerator.print(f"warning: could not load checkpoint {path} ({reason}); trying an older one")
+                failed.append(path)
                 continue
             state = TrainingState(**meta["state"])
             self.accelerator.print(
@@ -435,14 +584,36 @@ class Checkpointer:
                 f"step {state.completed_steps}, batch {state.batch_in_epoch} of the epoch"
             )
             return state
+        if failed:
+            # Never start over silently on top of checkpoints: rotation would delete them.
+            raise UserError(
+                f"no checkpoint in {self.dir} could be loaded (tried {', '.join(p.name for p in failed)}); "
+                "move them away to keep them, or pass --no_resume to start fresh"
+            )
         return TrainingState()
+
+    def load(self, path):
+        """accelerator.load_state, which unpickles only tensors and plain data (torch's
+        weights_only), so a planted pickle cannot run code. Accelerate quietly skips
+        random states it cannot load; we check they load, since exact resume needs them."""
+        rng_file = path / f"random_states_{self.accelerator.process_index}.pkl"
+        try:
+            accelerate_load(rng_file)
+        except Exception as err:
+            raise ValueError(f"{rng_file.name} cannot be loaded safely: {str(err).strip().splitlines()[0]}") from None
+        self.accelerator.load_state(str(path))
 
     def check_fingerprint(self, saved, path):
         changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self.fingerprint.items() if saved.get(k) != v]
         if changed:
+            how = "the same settings"
+            if saved.get("num_processes") != self.fingerprint["num_processes"]:
+                # Batches per process, the data each process saw, and one random state
+                # per process are all tied to the process count.
+                how = f"the same settings and {saved.get('num_processes')} process(es)"
             raise UserError(
                 f"the checkpoint in {path.parent} was made with other settings ({'; '.join(changed)}); "
-                "use the same settings to resume, or --no_resume / another --output_dir to start fresh"
+                f"use {how} to resume, or --no_resume / another --output_dir to start fresh"
             )
 
     # -- saving ------------------------------------------------------------
@@ -465,19 +636,28 @@ class Checkpointer:
         final = self.dir / name
         tmp = self.dir / f".tmp-{name}"
         acc = self.accelerator
+        try:
+            if acc.is_main_process:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp), safe_serialization=True)  # every process writes its RNG state
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                files = {f.name: f.stat().st_size for f in tmp.iterdir()}
+                serial = max((m.get("serial", 0) for m, _ in self.complete_checkpoints()), default=0) + 1
+                meta = {"state": asdict(state), "fingerprint": self.fingerprint, "files": files, "serial": serial}
+                write_json(tmp / STATE_FILE, meta)
+                for f in tmp.iterdir():
+                    fsync(f)
+        except OSError:
+            # A full disk or Drive: drop the partial save so the space (and the older,
+            # complete checkpoints) stay as they were.
+            if acc.is_main_process:
+                delete_tree(tmp)
+            raise
         if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)  # every process writes its RNG state
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            files = {f.name: f.stat().st_size for f in tmp.iterdir()}
-            meta = {"state": asdict(state), "fingerprint": self.fingerprint, "files": files}
-            write_json(tmp / STATE_FILE, meta)
-            for f in tmp.iterdir():
-                fsync(f)
             if final.exists():  # the same step saved again (at the end of an epoch)
                 old = self.dir / f".old-{name}"
                 final.rename(old)

@@ -230,14 +230,15 @@ def test_sigkill_then_rerun_equals_uninterrupted(trained, tiny_bert, toy_files, 
     assert eval_entries(newest_state(out)) == eval_entries(newest_state(trained))
 
 
-def test_sigterm_saves_then_rerun_continues_from_that_step(trained, tiny_bert, toy_files, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # what Colab, schedulers and Ctrl-C send
+def test_signal_saves_then_rerun_continues_from_that_step(sig, trained, tiny_bert, toy_files, tmp_path):
     out = tmp_path / "terminated"
     proc = start_run(argv(tiny_bert, *toy_files, out, "--checkpointing_steps", 2))
-    signal_after_step(proc, out, 30, signal.SIGTERM)
+    signal_after_step(proc, out, 30, sig)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert proc.returncode == 128 + sig, stderr[-2000:]
     saved = newest_state(out)["completed_steps"]
-    assert f"SIGTERM received: saved step {saved}" in stdout
+    assert f"{sig.name} received: saved step {saved}" in stdout
     assert "Traceback" not in stderr
 
     # Re-run without step saves: the only way to continue from `saved` is the checkpoint the signal wrote.
