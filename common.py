@@ -139,6 +139,16 @@ def build_parser(description):
     a("--no_resume", action="store_true", help="start fresh, deleting the checkpoints in --output_dir")
     a("--logging_steps", type=int, default=10, help="log the training loss every N optimizer steps")
     a("--report_to", default="none", help="tensorboard, wandb, ... or all (Accelerate's trackers)")
+    a(
+        "--torch_compile",
+        action="store_true",
+        help="compile the model with torch.compile (pays off on GPUs with fixed shapes: the LM scripts' packed blocks)",
+    )
+    a(
+        "--dataloader_num_workers",
+        type=int,
+        help="processes preparing batches (default: 2 on a GPU, so the GPU never waits; 0 on CPU)",
+    )
     a("--max_train_samples", type=int, help="truncate the training set (quick runs)")
     a("--max_eval_samples", type=int, help="truncate the validation set (quick runs)")
     return p
@@ -426,6 +436,8 @@ def make_accelerator(args, output_dir):
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         mixed_precision=choose_mixed_precision(args.mixed_precision),
+        # torch.compile at prepare(): fuses kernels; the first steps are slow while it compiles.
+        dynamo_backend="inductor" if getattr(args, "torch_compile", False) else "no",
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=report_to,
         project_dir=str(output_dir),
@@ -454,6 +466,15 @@ def data_generator(seed):
     """Give each DataLoader its own generator, so iterating one never draws from the
     global RNG (which dropout uses, and which checkpoints restore)."""
     return torch.Generator().manual_seed(seed)
+
+
+def loader_options(args, device):
+    """DataLoader options: on a GPU, worker processes build batches ahead and pinned
+    memory makes the copy to the GPU asynchronous."""
+    workers = args.dataloader_num_workers
+    if workers is None:
+        workers = 2 if device.type == "cuda" else 0
+    return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
 
 
 def make_optimizer(model, args, device):
@@ -766,12 +787,19 @@ def load_metric(name, fallback):
 
 class Throughput:
     """Counts tokens on the device (no host sync per step); reports tokens/s over all
-    processes when asked."""
+    processes when asked, and on a GPU the model FLOPs utilization (MFU)."""
 
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, model=None, seq_len=None):
         self.accelerator = accelerator
         self.tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
         self.start = time.perf_counter()
+        peak = peak_flops(accelerator.device, accelerator.mixed_precision)
+        if model is not None and seq_len:
+            self.flops_per_token = flops_per_token(accelerator.unwrap_model(model), seq_len)
+        else:
+            self.flops_per_token = None
+        # Peak of all processes together: each process has its own device.
+        self.peak = peak * accelerator.num_processes if peak else None
 
     def add(self, num_tokens):
         self.tokens += num_tokens
@@ -782,6 +810,69 @@ class Throughput:
         self.tokens.zero_()
         self.start = time.perf_counter()
         return total / max(elapsed, 1e-9)
+
+    def report(self):
+        """{"tokens_per_second": ..., and "mfu" (0..1) where the device's peak is known}."""
+        tps = self.tokens_per_second()
+        out = {"tokens_per_second": tps}
+        if self.peak and self.flops_per_token:
+            out["mfu"] = tps * self.flops_per_token / self.peak
+        return out
+
+
+def flops_per_token(model, seq_len):
+    """Training FLOPs per token, as nanoGPT and the PaLM paper count them: 6 per weight
+    that takes part in a matrix product (2 forward, 4 backward), plus attention's
+    12 x layers x width x sequence length. Embedding lookups are not matrix products;
+    an output layer tied to the embeddings is."""
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    matmul = sum(p.numel() for p in model.parameters() if id(p) not in embedding_ids)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and id(head.weight) in embedding_ids:
+        matmul += head.weight.numel()
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    return 6 * matmul + 12 * layers * width * seq_len
+
+
+# Dense (no sparsity) peak tensor-core FLOP/s per GPU, by name: bf16/fp16, and TF32 for fp32.
+PEAK_FLOPS = {
+    "H200": (989e12, 494e12),
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 494e12),
+    "A100": (312e12, 156e12),
+    "L4": (121e12, 60e12),
+    "A10G": (70e12, 35e12),
+    "T4": (65e12, 8e12),  # no bf16: fp16
+    "V100": (125e12, 15.7e12),
+}
+
+
+def peak_flops(device, mixed_precision):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, tf32) in PEAK_FLOPS.items():
+        if key in name:
+            return half if mixed_precision in ("bf16", "fp16") else tf32
+    return None
+
+
+def peak_memory(device):
+    """Peak GPU memory allocated by tensors since the start, in GiB (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def progress_postfix(entry):
+    """What the progress bar shows after the step counter."""
+    postfix = {"loss": f"{entry['train_loss']:.4f}", "lr": f"{entry['learning_rate']:.2e}"}
+    postfix["tok/s"] = f"{entry['tokens_per_second']:.0f}"
+    if "mfu" in entry:
+        postfix["mfu"] = f"{100 * entry['mfu']:.1f}%"
+    return postfix
 
 
 def mean_over_processes(accelerator, values):

@@ -10,10 +10,12 @@ command continues from the newest checkpoint in --output_dir. The best model
 (by --metric_for_best_model) is exported to <output_dir>/best.
 """
 
+import argparse
 import csv
 from pathlib import Path
 
 import datasets
+import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
@@ -25,6 +27,7 @@ from transformers import (
     get_scheduler,
     pipeline,
 )
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import common
 
@@ -38,6 +41,12 @@ def parse_args(argv=None):
         "--pad_to_max_length",
         action="store_true",
         help="pad every batch to --max_seq_length instead of to its longest example",
+    )
+    parser.add_argument(
+        "--group_by_length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="batch examples of similar length together, so little padding is computed (on by default)",
     )
     parser.add_argument("--metric_for_best_model", default="accuracy", choices=["accuracy", "f1", "loss"])
     parser.add_argument(
@@ -178,6 +187,25 @@ def sort_key(value):
     return (isinstance(value, str), value)
 
 
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Shuffle, then sort each run of about 50 batches by length, so that a batch holds
+    examples of similar length and dynamic padding has little left to pad. The order
+    depends only on (seed, epoch), so a resumed run sees the same batches."""
+
+    def __init__(self, lengths, batch_size, seed):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch):  # called through the prepared dataloader's set_epoch
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 # ---------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------
@@ -249,14 +277,25 @@ def train(args):
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to)
     if args.pad_to_max_length:  # fixed shapes (what TPUs want), at the cost of computing on padding
         collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=args.max_seq_length)
+    loader_options = common.loader_options(args, accelerator.device)
+    if args.group_by_length and not args.pad_to_max_length:
+        # Sizes are per batch of all processes together: each process gets one of similar lengths.
+        batch_size = args.per_device_train_batch_size * accelerator.num_processes
+        sampler = LengthGroupedSampler([len(ids) for ids in train_data["input_ids"]], batch_size, args.seed)
+        shuffle = {"sampler": sampler}
+    else:
+        shuffle = {"shuffle": True}
     train_dataloader = DataLoader(
         train_data,
-        shuffle=True,
         collate_fn=collator,
         batch_size=args.per_device_train_batch_size,
         generator=common.data_generator(args.seed),
+        **shuffle,
+        **loader_options,
     )
-    eval_dataloader = DataLoader(eval_tokenized, collate_fn=collator, batch_size=args.per_device_eval_batch_size)
+    eval_dataloader = DataLoader(
+        eval_tokenized, collate_fn=collator, batch_size=args.per_device_eval_batch_size, **loader_options
+    )
 
     # Model
     num_labels = len(label_names)
@@ -303,6 +342,7 @@ def train(args):
             "gradient_accumulation_steps",
             "seed",
             "max_seq_length",
+            "group_by_length",
         )
     }
     fingerprint["labels"] = label_names
@@ -330,7 +370,7 @@ def train(args):
         )
 
     progress_bar = tqdm(total=total_steps, initial=state.completed_steps, disable=not accelerator.is_main_process)
-    throughput = common.Throughput(accelerator)
+    throughput = common.Throughput(accelerator, model, args.max_seq_length)
     losses = []
     model.train()
     while not finished():
@@ -369,15 +409,11 @@ def train(args):
                     {
                         "train_loss": common.mean_over_processes(accelerator, losses),
                         "learning_rate": lr_scheduler.get_last_lr()[0],
-                        "tokens_per_second": throughput.tokens_per_second(),
+                        **throughput.report(),  # tokens/s, and MFU on a GPU
                     },
                 )
                 losses = []
-                progress_bar.set_postfix(
-                    loss=f"{entry['train_loss']:.4f}",
-                    lr=f"{entry['learning_rate']:.2e}",
-                    tok_s=f"{entry['tokens_per_second']:.0f}",
-                )
+                progress_bar.set_postfix(common.progress_postfix(entry))
             if checkpointer.save_due(state):
                 checkpointer.save(state)
                 checkpointer.exit_if_signalled(state)
@@ -409,6 +445,8 @@ def train(args):
         checkpointer.exit_if_signalled(state)
     progress_bar.close()
     accelerator.end_training()
+    if common.peak_memory(accelerator.device) is not None:
+        accelerator.print(f"Peak GPU memory: {common.peak_memory(accelerator.device):.2f} GiB")
 
     if accelerator.is_main_process:
         common.write_json(output_dir / "log_history.json", state.log_history)
