@@ -889,6 +889,36 @@ def log_metrics(accelerator, state, metrics):
     return entry
 
 
+def plot_history(log_history, path, eval_keys=("eval_loss",)):
+    """loss.png: the training loss and the eval metrics against optimizer steps, from
+    the log the run keeps anyway (also in log_history.json). Losses on the left axis,
+    other metrics (accuracy, perplexity, ...) on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed (Colab subprocess, servers, CI)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    other = None
+    for key in ("train_loss", *dict.fromkeys(eval_keys)):
+        points = [(e["step"], e[key]) for e in log_history if key in e]
+        if not points:
+            continue
+        if key.endswith("loss"):
+            ax.plot(*zip(*points), "-" if key == "train_loss" else "o-", label=key.replace("_", " "))
+        else:
+            other = other or ax.twinx()
+            other.plot(*zip(*points), "s--", color="tab:green", label=key.replace("_", " "))
+            other.set_ylabel(key.replace("_", " "))
+            other.legend(loc="upper right")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def improved(value, best, greater_is_better):
     return best is None or (value > best if greater_is_better else value < best)
 

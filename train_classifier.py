@@ -450,6 +450,8 @@ def train(args):
 
     if accelerator.is_main_process:
         common.write_json(output_dir / "log_history.json", state.log_history)
+        metrics = ("eval_loss", f"eval_{args.metric_for_best_model}")
+        common.plot_history(state.log_history, output_dir / "loss.png", metrics)
         accelerator.print(
             f"Best {args.metric_for_best_model}: {state.best_metric:.4f} at step {state.best_step}; model in {best_dir}"
         )

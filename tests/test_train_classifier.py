@@ -88,6 +88,7 @@ def test_learns_toy_task(trained):
     assert state["completed_steps"] == EPOCHS * 25 and state["epoch"] == EPOCHS
     losses = [e["train_loss"] for e in state["log_history"] if "train_loss" in e]
     assert losses[-1] < 0.5 * losses[0]
+    assert (trained / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the curves, drawn headless
 
 
 def test_exported_model_predicts_in_pipeline(trained):
