@@ -1,6 +1,7 @@
 """Tiny models and toy data, built inside the tests (no downloads)."""
 
 import csv
+import hashlib
 import os
 import random
 import subprocess
@@ -78,3 +79,12 @@ def run_script(script, *args, check=True, timeout=300):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def digest(folder):
+    """sha256 of every file under folder: to show that nothing in it changed."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
