@@ -1,0 +1,205 @@
+"""pretrain_mlm.py end to end: tokenizer from scratch, a tiny RoBERTa, masked-LM training."""
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import helpers
+import pytest
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, pipeline
+
+import pretrain_mlm
+
+SUBJECTS = ["the cat", "a dog", "my bird", "the fox", "our fish", "the horse"]
+VERBS = ["sat on", "ran to", "looked at", "jumped over", "slept near"]
+PLACES = ["the mat .", "the house .", "a tree .", "the river .", "the old wall ."]
+EPOCHS = 4
+
+
+def repetitive_lines(n, seed):
+    rng = random.Random(seed)
+    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(PLACES)}" for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text")
+    (d / "train.txt").write_text("\n".join(repetitive_lines(600, seed=1)) + "\n")
+    (d / "valid.txt").write_text("\n".join(repetitive_lines(80, seed=2)) + "\n")
+    return d / "train.txt", d / "valid.txt"
+
+
+def argv(train, valid, out, *extra):
+    base = ["--train_file", train, "--validation_file", valid, "--output_dir", out]
+    base += ["--vocab_size", 300, "--min_frequency", 2, "--max_seq_length", 32, "--max_position_embeddings", 34]
+    base += ["--num_hidden_layers", 2, "--hidden_size", 64, "--num_attention_heads", 2, "--intermediate_size", 128]
+    base += ["--learning_rate", "1e-3", "--num_warmup_steps", 10]
+    base += ["--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 6]
+    base += ["--num_train_epochs", EPOCHS, "--logging_steps", 2, "--save_every_minutes", 0]
+    base += ["--fill_mask_prompt", "the cat sat on the <mask> ."]
+    return [str(a) for a in base + list(extra)]
+
+
+def checkpoints(out):
+    return sorted((Path(out) / "checkpoints").iterdir())
+
+
+def final_weights(out):
+    return (checkpoints(out)[-1] / "model.safetensors").read_bytes()
+
+
+def newest_state(out):
+    return json.loads((checkpoints(out)[-1] / "training_state.json").read_text())["state"]
+
+
+@pytest.fixture(scope="module")
+def trained(text_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    pretrain_mlm.main(argv(*text_files, out))
+    return out
+
+
+def test_tokenizer_round_trips_and_knows_its_special_tokens(trained):
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    assert len(tokenizer) == 300
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]]
+    assert ids == [0, 1, 2, 3, 4]
+    assert (tokenizer.bos_token, tokenizer.pad_token, tokenizer.eos_token) == ("<s>", "<pad>", "</s>")
+    assert tokenizer.mask_token == "<mask>"
+    for text in ["the cat sat on the mat .", "A new Zebra, unseen: ünïcödé 123!"]:
+        encoded = tokenizer(text)["input_ids"]
+        assert encoded[0] == 0 and encoded[-1] == 2  # <s> ... </s>, as RoBERTa
+        assert tokenizer.decode(encoded, skip_special_tokens=True) == text  # byte-level: nothing is lost
+    assert len(tokenizer("word " * 1000, truncation=True)["input_ids"]) == 32  # the model's length
+
+
+def test_default_configuration_has_the_documented_parameter_count():
+    args = pretrain_mlm.parse_args([])
+    assert (args.num_hidden_layers, args.num_attention_heads, args.hidden_size) == (6, 12, 768)
+    assert (args.max_position_embeddings, args.vocab_size) == (514, 52_000)
+    # Only the vocabulary size and the special ids of the tokenizer matter to the model.
+    tokenizer = type("Vocab", (), {"__len__": lambda self: 52_000, "pad_token_id": 1, "bos_token_id": 0})()
+    tokenizer.eos_token_id = 2
+    with torch.device("meta"):  # counted, not allocated or trained
+        model = pretrain_mlm.new_model(args, tokenizer)
+    assert sum(p.numel() for p in model.parameters()) == 83_504_416
+
+
+def test_masked_lm_loss_falls_well_below_its_start(trained):
+    history = json.loads((trained / "log_history.json").read_text())
+    first_train_loss = [e["train_loss"] for e in history if "train_loss" in e][0]
+    best = json.loads((trained / "eval_results.json").read_text())
+    assert first_train_loss > 4.5  # about ln(300): a uniform guess
+    assert best["loss"] < 0.65 * first_train_loss
+    evals = [e["eval_loss"] for e in history if "eval_loss" in e]
+    assert len(evals) == EPOCHS
+
+
+def test_exported_model_fills_the_mask(trained):
+    fill = pipeline("fill-mask", model=str(trained / "best"))
+    guesses = fill("the cat sat on the <mask> .", top_k=5)
+    assert len(guesses) == 5 and all("the cat sat on the" in g["sequence"] for g in guesses)
+
+
+def test_resumed_run_reuses_the_saved_tokenizer(trained, text_files, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    saved = (out / "tokenizer.json").read_bytes()
+
+    def must_not_train(*args):
+        raise AssertionError("the tokenizer was trained again under an existing checkpoint")
+
+    monkeypatch.setattr(pretrain_mlm, "train_tokenizer", must_not_train)
+    state = pretrain_mlm.main(argv(*text_files, out, "--num_train_epochs", EPOCHS + 1))
+    assert state.epoch == EPOCHS + 1
+    assert (out / "tokenizer.json").read_bytes() == saved
+    assert AutoTokenizer.from_pretrained(out / "best").get_vocab() == AutoTokenizer.from_pretrained(out).get_vocab()
+
+
+def test_evaluation_masks_the_same_way_every_time(trained, text_files, tmp_path):
+    # Two runs of one epoch from the same start evaluate identically; so do two
+    # evaluations of the same model (the fixed masking seed).
+    a = pretrain_mlm.main(argv(*text_files, tmp_path / "a", "--num_train_epochs", 1))
+    b = pretrain_mlm.main(argv(*text_files, tmp_path / "b", "--num_train_epochs", 1))
+    loss_a = [e["eval_loss"] for e in a.log_history if "eval_loss" in e]
+    assert loss_a == [e["eval_loss"] for e in b.log_history if "eval_loss" in e]
+
+
+def test_line_by_line(text_files, tmp_path):
+    state = pretrain_mlm.main(argv(*text_files, tmp_path / "lines", "--line_by_line", "--max_train_steps", 6))
+    assert state.completed_steps == 6
+    assert any("eval_perplexity" in e for e in state.log_history)
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(trained, text_files, tmp_path):
+    out = tmp_path / "killed"
+    args = argv(*text_files, out, "--checkpointing_steps", 2)
+    total = newest_state(trained)["completed_steps"]
+    target = random.Random().randint(2, total - 4)
+    proc = subprocess.Popen(
+        helpers.script_command("pretrain_mlm.py", *args),
+        cwd=helpers.REPO,
+        env=helpers.offline_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        steps = [int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*")] if out.exists() else []
+        if any(s >= target for s in steps):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    assert proc.wait() == -signal.SIGKILL, f"not killed at step {target}"
+    assert newest_state(out)["completed_steps"] < total
+
+    resumed = helpers.run_script("pretrain_mlm.py", *args)
+    assert "Resumed from" in resumed.stdout
+    assert final_weights(out) == final_weights(trained), f"killed after step {target}"
+    assert (out / "best" / "model.safetensors").read_bytes() == (trained / "best" / "model.safetensors").read_bytes()
+    assert (out / "tokenizer.json").read_bytes() == (trained / "tokenizer.json").read_bytes()
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line, exit code 2, nothing damaged.
+# ---------------------------------------------------------------------------
+
+
+def run_bad(args, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        pretrain_mlm.main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_bad_input(trained, text_files, tmp_path, capsys):
+    train, valid = text_files
+    before = helpers.digest(trained)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n\n")
+    cases = {
+        "no text": (argv(empty, valid, trained), ["empty"]),
+        "vocabulary below the byte symbols": (argv(train, valid, trained, "--vocab_size", 200), ["261"]),
+        "prompt without <mask>": (argv(train, valid, trained, "--fill_mask_prompt", "no mask here"), ["<mask>"]),
+        "missing file": (argv(tmp_path / "nope.txt", valid, trained), ["not found"]),
+    }
+    for name, (args, words) in cases.items():
+        line = run_bad(args, capsys)
+        for word in words:
+            assert word in line, (name, line)
+    assert helpers.digest(trained) == before
+
+    # Too little text for the asked vocabulary: say how much text there was.
+    line = run_bad(argv(train, valid, tmp_path / "fresh", "--vocab_size", 5000), capsys)
+    assert "too little for a vocabulary of 5,000" in line and "characters" in line and "--vocab_size" in line
