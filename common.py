@@ -15,6 +15,7 @@ Nothing here knows about a particular script's model or data.
 
 import argparse
 import atexit
+import codecs
 import contextlib
 import errno
 import glob
@@ -347,7 +348,41 @@ def text_files(pattern, flag):
             raise UserError(
                 f"{flag} {path}: unsupported extension '{path.suffix}'; use plain text ({', '.join(TEXT_EXTENSIONS)})"
             )
+        if path.stat().st_size == 0:
+            raise UserError(f"{flag} {path} is empty; give it some text")
+        check_utf8(path, flag)
     return [str(p) for p in paths]
+
+
+def check_utf8(path, flag):
+    """Text must be UTF-8; say where it is not (a Latin-1 or Windows-1252 file, usually)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                line += chunk[: err.start].count(b"\n")
+                raise UserError(
+                    f"{flag} {path} is not UTF-8 text (byte 0x{chunk[err.start]:02x} at offset {offset + err.start}, "
+                    f"line {line}); convert it, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8.txt`"
+                ) from None
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+
+
+def from_pretrained(loader, name, what="model"):
+    """`loader(name)` (an AutoModel/AutoTokenizer `from_pretrained`), with one clear line
+    when `name` is neither a model directory nor a hub name that can be reached."""
+    try:
+        return loader(name)
+    except (OSError, ValueError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"--model_name_or_path {name}: cannot load a {what} from it ({reason}); pass a hub name, or a folder "
+            "saved with save_pretrained (config.json, weights and tokenizer files)"
+        ) from None
 
 
 def load_text_data(args, keep_linebreaks=True):

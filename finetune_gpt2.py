@@ -55,7 +55,7 @@ def parse_args(argv=None):
 
 
 def load_tokenizer(name):
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = common.from_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer")
     if tokenizer.eos_token_id is None:
         raise common.UserError(
             f"the tokenizer of {name} has no end-of-text token (eos_token); give it one "
@@ -125,7 +125,7 @@ def train(args):
     accelerator = common.make_accelerator(args, output_dir)
 
     tokenizer = load_tokenizer(args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+    model = common.from_pretrained(AutoModelForCausalLM.from_pretrained, args.model_name_or_path)
     block_size = choose_block_size(args, model.config.max_position_embeddings)
     with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
         train_text, eval_text = common.load_text_data(args)

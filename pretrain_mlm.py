@@ -143,7 +143,7 @@ def get_tokenizer(accelerator, texts, args, output_dir):
     """The tokenizer in --output_dir if there is one (a resumed run); else train it, on
     the main process only, while the others wait."""
     if args.model_name_or_path:
-        return AutoTokenizer.from_pretrained(args.model_name_or_path)
+        return common.from_pretrained(AutoTokenizer.from_pretrained, args.model_name_or_path, "tokenizer")
     saved = output_dir / "tokenizer.json"
     if accelerator.is_main_process and (args.no_resume or not saved.exists()):
         accelerator.print(f"Training a byte-level BPE tokenizer ({args.vocab_size:,} tokens) ...")
@@ -247,7 +247,7 @@ def train(args):
         eval_data = prepare_data(eval_text, tokenizer, args, "validation")
 
     if args.model_name_or_path:
-        model = AutoModelForMaskedLM.from_pretrained(args.model_name_or_path)
+        model = common.from_pretrained(AutoModelForMaskedLM.from_pretrained, args.model_name_or_path)
     else:
         model = new_model(args, tokenizer)  # seeded by make_accelerator: the same start every time
     accelerator.print(

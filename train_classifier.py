@@ -21,6 +21,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -83,6 +84,9 @@ def load_local_file(path):
     kind = EXTENSIONS.get(path.suffix.lower())
     if kind is None:
         raise common.UserError(f"{path}: unsupported extension '{path.suffix}'; use one of {', '.join(EXTENSIONS)}")
+    if path.stat().st_size == 0:
+        raise common.UserError(f"{path} is empty; give it a header line and rows")
+    common.check_utf8(path, "data file")
     options = {}
     if path.suffix.lower() == ".tsv":
         # TSV files (GLUE's among them) have quote characters inside sentences: no quoting.
@@ -253,7 +257,12 @@ def train(args):
     # own longest example (dynamic padding).
     with accelerator.main_process_first():
         train_data, eval_data, columns, label_names = load_data(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    tokenizer = common.from_pretrained(AutoTokenizer.from_pretrained, args.model_name_or_path, "tokenizer")
+    config = common.from_pretrained(AutoConfig.from_pretrained, args.model_name_or_path, "model configuration")
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions and args.max_seq_length > max_positions:
+        accelerator.print(f"note: the model has {max_positions} positions; using --max_seq_length {max_positions}")
+        args.max_seq_length = max_positions
     if tokenizer.pad_token is None:  # GPT-style models have no padding token
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -299,11 +308,14 @@ def train(args):
 
     # Model
     num_labels = len(label_names)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = common.from_pretrained(
+        lambda name: AutoModelForSequenceClassification.from_pretrained(
+            name,
+            num_labels=num_labels,
+            id2label=dict(enumerate(label_names)),
+            label2id={label: i for i, label in enumerate(label_names)},
+        ),
         args.model_name_or_path,
-        num_labels=num_labels,
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     accelerator.print(f"{args.model_name_or_path}: {common.params_summary(model)}, {num_labels} labels")

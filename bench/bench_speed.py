@@ -3,8 +3,7 @@
     python bench/bench_speed.py [--only classifier,gpt2,mlm] [--steps 40]
 
 For each script, the same small model (same initial weights) and the same real data
-from ../shared/data train for the same number of optimizer steps two ways, in this
-one process:
+from ../shared/data train for the same number of optimizer steps two ways:
 
 - baseline: the tutorials' loop: fp32, every sample padded to the maximum length,
   one line per sample for the language models, `loss.item()` after every step;
@@ -13,19 +12,20 @@ one process:
   the loss read back only every --logging_steps steps.
 
 It prints tokens/s (real tokens: padding is not counted), the share of padding in
-what the model computed on, peak memory (GPU: allocated by tensors; CPU: growth of
-the process's resident memory), the final eval loss, and ours/baseline. On a GPU
-pass `--gpu` for the sizes the issue names (GPT-2 124M at block 1024,
-bert-base-uncased sized BERT on MRPC); MFU is then printed by the scripts.
+what the model computed on, peak memory (GPU: allocated by tensors; CPU: the peak
+resident memory of the process, each way running in a process of its own), the final
+eval loss (both ways evaluated the same way on the same held-out data), and
+ours/baseline.
 """
 
 import argparse
 import csv
 import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tests"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -49,34 +50,19 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class PeakMemory:
-    """Peak memory while a block runs: tensors on a GPU, else the process's resident
-    memory above what it was at the start (sampled every few milliseconds)."""
+    """Peak memory: on a GPU, what tensors allocated while the block ran; on the CPU,
+    the peak resident memory of this process (each way runs in a process of its own)."""
 
     def __enter__(self):
         if DEVICE.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        self.start = self.peak = rss()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
         return self
 
-    def sample(self):
-        while not self.done.wait(0.005):
-            self.peak = max(self.peak, rss())
-
     def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
         if DEVICE.type == "cuda":
             self.gib = torch.cuda.max_memory_allocated() / 2**30
         else:
-            self.gib = (self.peak - self.start) / 2**30
-
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            self.gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def baseline_loop(model, train_dataloader, steps, lr):
@@ -125,7 +111,7 @@ def script_rates(output_dir):
 # ---------------------------------------------------------------------------
 
 
-def bench_classifier(work, steps, batch_size):
+def bench_classifier(work, way, steps, batch_size):
     rows = convert_mrpc(DATA / "mrpc" / "train.tsv", work / "train.tsv")
     convert_mrpc(DATA / "mrpc" / "dev.tsv", work / "dev.tsv")
     model_dir = work / "bert"
@@ -148,15 +134,14 @@ def bench_classifier(work, steps, batch_size):
         enc["labels"] = torch.tensor([int(r["label"]) for r in rows])
         return [dict(zip(enc, values)) for values in zip(*enc.values())]
 
-    results = {}
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    loader = DataLoader(encode(read(work / "train.tsv")), batch_size=batch_size, shuffle=True)
-    with PeakMemory() as memory:
-        results["baseline"] = baseline_loop(model, loader, steps, 5e-5)
-    results["baseline"]["memory"] = memory.gib
-    results["baseline"]["eval_loss"] = classifier_eval_loss(model, encode(read(work / "dev.tsv")))
-    del model
+    if way == "baseline":
+        torch.manual_seed(0)
+        with PeakMemory() as memory:  # like the script's run: data, model, training, evaluation
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+            loader = DataLoader(encode(read(work / "train.tsv")), batch_size=batch_size, shuffle=True)
+            result = baseline_loop(model, loader, steps, 5e-5)
+            result["eval_loss"] = classifier_eval_loss(model, encode(read(work / "dev.tsv")))
+        return result | {"memory": memory.gib}
 
     out = work / "classifier-ours"
     with PeakMemory() as memory:
@@ -170,8 +155,7 @@ def bench_classifier(work, steps, batch_size):
         )
     tps, eval_loss = script_rates(out)
     padding = classifier_padding_share(work, model_dir, batch_size)
-    results["ours"] = {"tokens_per_second": tps, "padding": padding, "memory": memory.gib, "eval_loss": eval_loss}
-    return results
+    return {"tokens_per_second": tps, "padding": padding, "memory": memory.gib, "eval_loss": eval_loss}
 
 
 @torch.no_grad()
@@ -204,6 +188,131 @@ def classifier_padding_share(work, model_dir, batch_size):
 
 
 # ---------------------------------------------------------------------------
+# Language models: the tutorials' line-by-line samples padded to the block size.
+# ---------------------------------------------------------------------------
+
+
+def read_lines(paths):
+    """LineByLineTextDataset's reading: every non-empty line, stripped."""
+    return [line.strip() for path in paths for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def line_by_line(tokenizer, lines, max_length):
+    """One sample per line, truncated and padded to max_length (what the tutorials' data does)."""
+    enc = tokenizer(lines, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    return [dict(zip(enc, values)) for values in zip(*enc.values())]
+
+
+def plain_accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
+def bench_gpt2(work, way, steps, batch_size, block_size):
+    from test_finetune_gpt2 import make_tiny_gpt2  # the tests' builder: byte-level BPE + GPT-2 config
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import finetune_gpt2
+
+    train_file, eval_file = DATA / "wikitext-2" / "valid.txt", DATA / "wikitext-2" / "test.txt"
+    model_dir = work / "gpt2"
+    make_tiny_gpt2(model_dir, read_lines([train_file]), vocab_size=8000)  # for its tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    end = tokenizer.eos_token_id
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=block_size,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=end,
+        eos_token_id=end,
+    )
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+
+    tokenizer.pad_token = tokenizer.eos_token
+    if way == "baseline":
+        with PeakMemory() as memory:  # like the script's run: data, model, training, evaluation
+            samples = line_by_line(tokenizer, read_lines([train_file]), block_size)
+            for sample in samples:  # padding is not predicted
+                sample["labels"] = sample["input_ids"].masked_fill(sample["attention_mask"] == 0, -100)
+            model = finetune_gpt2.AutoModelForCausalLM.from_pretrained(model_dir)
+            loader = DataLoader(samples, batch_size=batch_size, shuffle=True)
+            result = baseline_loop(model, loader, steps, 5e-4)
+            # Evaluated exactly as the script evaluates: loss per token on packed held-out blocks.
+            accelerator = plain_accelerator()
+            eval_text = finetune_gpt2.tokenize_and_pack(
+                load_text([eval_file], keep_linebreaks=True), tokenizer, block_size, "validation"
+            )
+            eval_loader = DataLoader(eval_text.with_format("torch"), batch_size=8)
+            result["eval_loss"] = finetune_gpt2.run_evaluation(accelerator, model, eval_loader)["loss"]
+        return result | {"memory": memory.gib}
+
+    out = work / "gpt2-ours"
+    with PeakMemory() as memory:
+        finetune_gpt2.main(
+            strings(
+                *("--model_name_or_path", model_dir, "--output_dir", out, "--block_size", block_size),
+                *("--train_file", train_file, "--validation_file", eval_file, "--learning_rate", "5e-4"),
+                *("--per_device_train_batch_size", batch_size, "--max_train_steps", steps),
+                *("--logging_steps", 5, "--save_every_minutes", 0, "--max_new_tokens", 5),
+            )
+        )
+    tps, eval_loss = script_rates(out)
+    return {"tokens_per_second": tps, "padding": 0.0, "memory": memory.gib, "eval_loss": eval_loss}
+
+
+def load_text(paths, keep_linebreaks):
+    import datasets
+
+    files = [str(p) for p in paths]
+    return datasets.load_dataset("text", data_files=files, split="train", keep_linebreaks=keep_linebreaks)
+
+
+def bench_mlm(work, way, steps, batch_size, max_seq_length):
+    from transformers import DataCollatorForLanguageModeling
+
+    import pretrain_mlm
+
+    books = sorted((DATA / "books").glob("*.txt"))
+    sizes = ("--num_hidden_layers", 4, "--hidden_size", 256, "--num_attention_heads", 4, "--intermediate_size", 1024)
+    out = work / "mlm-ours"
+    common_args = (
+        *("--train_file", DATA / "books" / "*.txt", "--vocab_size", 8000, "--max_seq_length", max_seq_length),
+        *sizes,
+        *("--per_device_train_batch_size", batch_size, "--max_train_steps", steps, "--learning_rate", "5e-4"),
+        *("--logging_steps", 5, "--save_every_minutes", 0, "--fill_mask_prompt", "She was <mask> to see him."),
+    )
+    if way == "ours":  # runs first: the baseline uses the tokenizer it trains
+        with PeakMemory() as memory:
+            pretrain_mlm.main(strings("--output_dir", out, *common_args))
+        tps, eval_loss = script_rates(out)
+        return {"tokens_per_second": tps, "padding": 0.0, "memory": memory.gib, "eval_loss": eval_loss}
+
+    # Baseline: the tutorial's LineByLineTextDataset + DataCollatorForLanguageModeling,
+    # padded to max_seq_length, with the tokenizer the script trained and the same start.
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    args = pretrain_mlm.parse_args(strings("--output_dir", out, *common_args))
+    torch.manual_seed(42)
+    with PeakMemory() as memory:  # like the script's run: data, model, training, evaluation
+        model = pretrain_mlm.new_model(args, tokenizer)
+        samples = line_by_line(tokenizer, read_lines(books), max_seq_length)
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+        loader = DataLoader(samples, batch_size=batch_size, shuffle=True, collate_fn=collator)
+        result = baseline_loop(model, loader, steps, 5e-4)
+        # The same held-out blocks and masks the script evaluated on.
+        train_text, eval_text = pretrain_mlm.common.load_text_data(args, keep_linebreaks=False)
+        eval_data = pretrain_mlm.prepare_data(eval_text, tokenizer, args, "validation")
+        eval_loader = DataLoader(eval_data.with_format("torch"), batch_size=args.per_device_eval_batch_size)
+        masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+        accelerator = plain_accelerator()
+        eval_loss = pretrain_mlm.run_evaluation(accelerator, model, eval_loader, masker, 42)["loss"]
+    return result | {"memory": memory.gib, "eval_loss": eval_loss}
+
+
+# ---------------------------------------------------------------------------
 
 
 def print_table(title, results):
@@ -219,18 +328,53 @@ def print_table(title, results):
         )
 
 
+SECTIONS = {
+    "classifier": (
+        lambda work, way, steps: bench_classifier(work, way, steps, batch_size=32),
+        "train_classifier.py: MRPC, BERT 4x256, WordPiece 8k, batch 32",
+    ),
+    "gpt2": (
+        lambda work, way, steps: bench_gpt2(work, way, steps, batch_size=8, block_size=128),
+        "finetune_gpt2.py: WikiText-2 (valid -> test), GPT-2 4x256, BPE 8k, 8 x 128 tokens",
+    ),
+    "mlm": (
+        lambda work, way, steps: bench_mlm(work, way, steps, batch_size=16, max_seq_length=128),
+        "pretrain_mlm.py: two books, RoBERTa 4x256, BPE 8k, 16 x 128 tokens",
+    ),
+}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--only", default="classifier,gpt2,mlm")
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--child", help=argparse.SUPPRESS)  # section:way, run in a process of its own
+    p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child:
+        section, way = args.child.split(":")
+        result = SECTIONS[section][0](Path(args.work), way, args.steps)
+        print("RESULT " + json.dumps(result))
+        return
+
     work = Path(tempfile.mkdtemp(prefix="bench-speed-"))
-    where = f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}"
-    print(f"torch {torch.__version__} on {where}; {args.steps} optimizer steps each way")
-    wanted = args.only.split(",")
-    if "classifier" in wanted:
-        results = bench_classifier(work, args.steps, batch_size=32)
-        print_table(f"train_classifier.py: MRPC, BERT 4x256, batch 32, {args.steps} steps", results)
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    tables = []
+    for section in args.only.split(","):
+        results = {}
+        # Each way in a fresh process, so that peak memory is its own. MLM: ours first,
+        # since the baseline uses the tokenizer the script trains.
+        for way in ("ours", "baseline") if section == "mlm" else ("baseline", "ours"):
+            command = [sys.executable, __file__, "--child", f"{section}:{way}", "--work", str(work)]
+            proc = subprocess.run([*command, "--steps", str(args.steps)], capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                raise SystemExit(f"{section}:{way} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            results[way] = json.loads(lines[-1][len("RESULT ") :])
+        tables.append((f"{SECTIONS[section][1]}, {args.steps} optimizer steps", results))
+    print(f"\ntorch {torch.__version__} on {where}; each way in its own process")
+    for title, results in tables:
+        print_table(title, {"baseline": results["baseline"], "ours": results["ours"]})
 
 
 if __name__ == "__main__":

@@ -30,12 +30,21 @@ def repetitive_lines(n, seed):
     return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(PLACES)}" for _ in range(n)]
 
 
-def make_tiny_gpt2(path, text, eos=True):
+def make_tiny_gpt2(path, text, eos=True, vocab_size=300):
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(text, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    bpe.train_from_iterator(text, vocab_size=vocab_size, min_frequency=1, special_tokens=["<|endoftext|>"])
     end = "<|endoftext|>" if eos else None
     tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=end, bos_token=end, unk_token=end)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    end_id = tokenizer.eos_token_id if eos else None
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=end_id,
+        eos_token_id=end_id,
+    )
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -1,0 +1,255 @@
+"""The never-lose-work promises, proved for each of the three scripts: a damaged newest
+checkpoint, SIGTERM / SIGINT, changed settings, and a sweep of the bad input users
+really feed. (The shared machinery itself is tested in test_faults.py.)"""
+
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import helpers
+import pytest
+import test_finetune_gpt2 as gpt2_tests
+import test_pretrain_mlm as mlm_tests
+import test_train_classifier as classifier_tests
+
+import finetune_gpt2
+import pretrain_mlm
+import train_classifier
+
+
+@dataclass
+class Setup:
+    name: str
+    module: object
+    train: Path
+    valid: Path
+    model: Path | None
+    argv: object  # (train, valid, out, *extra) -> argv
+
+    def args(self, out, *extra, train=None, valid=None):
+        return self.argv(train or self.train, valid or self.valid, out, *extra)
+
+
+@pytest.fixture(scope="module")
+def setups(tiny_bert, toy_files, tmp_path_factory):
+    d = tmp_path_factory.mktemp("every")
+    lm_text = d / "train.txt", d / "valid.txt"
+    lm_text[0].write_text("\n".join(gpt2_tests.repetitive_lines(300, seed=1)) + "\n")
+    lm_text[1].write_text("\n".join(gpt2_tests.repetitive_lines(40, seed=2)) + "\n")
+    gpt2 = gpt2_tests.make_tiny_gpt2(d / "gpt2", lm_text[0].read_text().splitlines())
+
+    def classifier_argv(train, valid, out, *extra):
+        return classifier_tests.argv(tiny_bert, train, valid, out, "--num_train_epochs", 2, *extra)
+
+    def gpt2_argv(train, valid, out, *extra):
+        return gpt2_tests.argv(gpt2, train, valid, out, "--num_train_epochs", 2, *extra)
+
+    def mlm_argv(train, valid, out, *extra):
+        return mlm_tests.argv(train, valid, out, "--num_train_epochs", 2, *extra)
+
+    return {
+        "train_classifier": Setup("train_classifier", train_classifier, *toy_files, tiny_bert, classifier_argv),
+        "finetune_gpt2": Setup("finetune_gpt2", finetune_gpt2, *lm_text, gpt2, gpt2_argv),
+        "pretrain_mlm": Setup("pretrain_mlm", pretrain_mlm, *lm_text, None, mlm_argv),
+    }
+
+
+SCRIPTS = ["train_classifier", "finetune_gpt2", "pretrain_mlm"]
+
+
+@pytest.fixture(scope="module")
+def full_runs(setups, tmp_path_factory):
+    """Each script trained to the end, uninterrupted, keeping every checkpoint."""
+    runs = {}
+    for name, s in setups.items():
+        out = tmp_path_factory.mktemp(f"full-{name}") / "run"
+        s.module.main(s.args(out, "--checkpointing_steps", 4, "--keep_last", 100))
+        runs[name] = out
+    return runs
+
+
+def checkpoints(out):
+    return sorted((Path(out) / "checkpoints").iterdir())
+
+
+def final_weights(out):
+    return (checkpoints(out)[-1] / "model.safetensors").read_bytes()
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+def fails_cleanly(fn, args, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        fn(args)
+    assert info.value.code == 2
+    return one_error_line(capsys)
+
+
+# ---------------------------------------------------------------------------
+# Damaged checkpoints, signals, changed settings.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_damaged_newest_checkpoint_is_skipped_and_the_run_ends_the_same(script, setups, full_runs, tmp_path, capsys):
+    s, out = setups[script], tmp_path / "run"
+    shutil.copytree(full_runs[script], out)
+    newest, previous = checkpoints(out)[-1], checkpoints(out)[-2]
+    for f in newest.iterdir():  # as if killed while writing: every file cut short
+        if f.suffix in (".safetensors", ".bin"):
+            with open(f, "r+b") as handle:
+                handle.truncate(f.stat().st_size // 2)
+    capsys.readouterr()
+    s.module.main(s.args(out, "--checkpointing_steps", 4, "--keep_last", 100))
+    printed = capsys.readouterr().out
+    assert f"skipping damaged checkpoint {newest}" in printed and f"Resumed from {previous}" in printed
+    assert final_weights(out) == final_weights(full_runs[script])
+
+
+@pytest.mark.parametrize("script, sig", [("finetune_gpt2", signal.SIGINT), ("pretrain_mlm", signal.SIGTERM)])
+def test_signal_saves_and_the_rerun_continues_from_that_step(script, sig, setups, full_runs, tmp_path):
+    # (train_classifier.py: both signals, in test_train_classifier.py)
+    s, out = setups[script], tmp_path / "run"
+    args = s.args(out, "--checkpointing_steps", 2)
+    proc = subprocess.Popen(
+        helpers.script_command(f"{script}.py", *args),
+        cwd=helpers.REPO,
+        env=helpers.offline_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if list((out / "checkpoints").glob("step_*")) if (out / "checkpoints").exists() else []:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.002)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr[-2000:]
+    assert "Traceback" not in stderr
+    saved = int(stdout.split(f"{sig.name} received: saved step ")[1].split(".")[0])
+    resumed = helpers.run_script(f"{script}.py", *s.args(out))  # no step saves: only the signal's checkpoint
+    assert f"step {saved}," in resumed.stdout.split("Resumed from")[1].splitlines()[0]
+    assert final_weights(out) == final_weights(full_runs[script])
+
+
+CHANGES = {
+    "train_classifier": (["--max_seq_length", 16], "max_seq_length: 64 -> 16"),
+    "finetune_gpt2": (["--block_size", 16], "block_size: 32 -> 16"),
+    "pretrain_mlm": (["--vocab_size", 280], "vocab_size: 300 -> 280"),
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_changed_settings_are_refused_and_harmless_ones_allowed(script, setups, full_runs, tmp_path, capsys):
+    s, out = setups[script], tmp_path / "run"
+    shutil.copytree(full_runs[script], out)
+    before = helpers.digest(out)
+    extra, expected = CHANGES[script]
+    line = fails_cleanly(s.module.main, s.args(out, *extra), capsys)
+    assert expected in line and "--no_resume" in line
+    other = tmp_path / "other.txt" if script != "train_classifier" else tmp_path / "other.csv"
+    shutil.copy(s.train, other)
+    line = fails_cleanly(s.module.main, s.args(out, train=other), capsys)
+    assert "train_file" in line and str(other) in line
+    assert helpers.digest(out) == before
+    # A larger epoch count and another save interval: it continues.
+    state = s.module.main(s.args(out, "--num_train_epochs", 3, "--save_every_minutes", 5))
+    assert state.epoch == 3
+
+
+# ---------------------------------------------------------------------------
+# What users really feed: each gets one line and exit code 2, or works.
+# ---------------------------------------------------------------------------
+
+
+def bad_inputs(tmp_path, script):
+    """case -> (what to change: dict of train/valid/model/extra, expected: "ok" or words of the error)"""
+    text = script != "train_classifier"
+    ext = ".txt" if text else ".csv"
+
+    def write(name, data):
+        path = tmp_path / f"{name}{ext}"
+        path.write_bytes(data)
+        return path
+
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "README.md").write_text("just notes\n")
+    good = b"the cat sat on the mat .\n" * 50 if text else b"text,label\nw1 good,pos\nw2 bad,neg\n" * 20
+    huge = b"the cat sat on the mat . " * 20_000 + b"\n"  # one 500,000-character line
+    cases = {
+        "empty file": ({"train": write("empty", b"")}, ["empty"]),
+        "non-UTF-8 bytes": (
+            {"train": write("latin1", good + ("caf\xe9 " if text else "caf\xe9 good,pos\n").encode("latin-1"))},
+            ["not UTF-8 text", "line"],
+        ),
+        "Windows line endings": ({"train": write("crlf", good.replace(b"\n", b"\r\n"))}, "ok"),
+        "directory instead of a file": ({"train": tmp_path}, ["directory"]),
+        "model directory that is not a model": ({"model": not_a_model}, ["cannot load", "not-a-model"]),
+    }
+    if text:
+        cases["huge single line"] = ({"train": write("huge", good + huge)}, "ok")
+    else:
+        cases["quotes and embedded tabs"] = (
+            {"train": write("quoted", b'text,label\n"w1, ""good""\tw2",pos\n"w3\tbad, w4",neg\n' * 20)},
+            "ok",
+        )
+        blank = b"text,label\nw1 good,pos\nw2 bad,\nw3 bad,neg\n"
+        cases["blank labels"] = ({"train": write("blank", blank)}, ["empty label"])
+        long_row = b"text,label\n" + b"w1 " * 200_000 + b"good,pos\n" + b"w2 bad,neg\nw3 good,pos\n" * 10
+        cases["huge single line"] = ({"train": write("huge", long_row)}, "ok")
+    return cases
+
+
+SWEEP = [
+    (script, case)
+    for script in SCRIPTS
+    for case in [
+        "empty file",
+        "non-UTF-8 bytes",
+        "Windows line endings",
+        "directory instead of a file",
+        "model directory that is not a model",
+        "huge single line",
+        *(["quotes and embedded tabs", "blank labels"] if script == "train_classifier" else []),
+    ]
+]
+
+
+@pytest.mark.parametrize("script, case", SWEEP)
+def test_bad_input_sweep(script, case, setups, full_runs, tmp_path, capsys):
+    s = setups[script]
+    change, expected = bad_inputs(tmp_path, script)[case]
+    train, valid = change.get("train", s.train), s.valid
+    if expected == "ok":
+        out = tmp_path / "fresh"
+        args = s.argv(train, valid, out, "--max_train_steps", 2)
+        if s.name == "pretrain_mlm":
+            args += ["--vocab_size", "261", "--min_frequency", "1"]
+        if "model" in change:
+            args += ["--model_name_or_path", str(change["model"])]
+        state = s.module.main(args)
+        assert state.completed_steps == 2
+        return
+    out = tmp_path / "run"  # an existing run: a bad command must not touch its checkpoints
+    shutil.copytree(full_runs[script], out)
+    before = helpers.digest(out)
+    args = s.argv(train, valid, out)
+    if "model" in change:
+        args += ["--model_name_or_path", str(change["model"])]
+    line = fails_cleanly(s.module.main, args, capsys)
+    for word in expected:
+        assert word in line, line
+    assert helpers.digest(out) == before
