@@ -273,10 +273,15 @@ def train(args):
 def generate_sample(args, model_dir, path, device):
     """Continue --prompt with the exported model, loaded as users will load it."""
     generator = pipeline("text-generation", model=str(model_dir), device=device)
+    # The model sees at most max_position_embeddings tokens: the prompt and what it adds.
+    room = generator.model.config.max_position_embeddings - len(generator.tokenizer(args.prompt)["input_ids"])
+    if room < 1:
+        print(f"\nThe prompt is longer than the model's {generator.model.config.max_position_embeddings} positions")
+        return None
     set_seed(args.seed)  # the same sample for the same model and settings
     text = generator(
         args.prompt,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=min(args.max_new_tokens, room),
         do_sample=True,
         top_k=args.top_k,
         top_p=args.top_p,

@@ -485,7 +485,7 @@ def show_predictions(model_dir, eval_data, columns, device, count=5):
     else:
         inputs = [r["text"] for r in rows]
     print("\nA few validation examples (predicted / true):")
-    for row, pred in zip(rows, classifier(inputs)):
+    for row, pred in zip(rows, classifier(inputs, truncation=True)):
         text = " ||| ".join(str(row[c]) for c in columns)
         short = text if len(text) <= 90 else text[:87] + "..."
         print(f"  {pred['label']:>10} / {names[row['label']]:<10} {short}")
