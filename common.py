@@ -675,14 +675,19 @@ class Checkpointer:
     # -- saving ------------------------------------------------------------
 
     def save_due(self, state):
-        """After an optimizer step: is a save due (steps, minutes, or a signal)? All
-        processes must agree, so the main process's clock and signals decide."""
+        """After an optimizer step: is a save due (steps, minutes, or a signal)?
+
+        Step saves are the same on every process. The clock and signals are not, so
+        with several processes they are compared (a collective operation, which waits
+        for the devices) only every --logging_steps steps, when the loop syncs anyway."""
         steps = self.args.checkpointing_steps
-        due = bool(steps and state.completed_steps % steps == 0)
+        due_by_steps = bool(steps and state.completed_steps % steps == 0)
         minutes = self.args.save_every_minutes
-        due = due or bool(minutes and time.monotonic() - self.last_save_time >= 60 * minutes)
+        due = due_by_steps or bool(minutes and time.monotonic() - self.last_save_time >= 60 * minutes)
         due = due or self.signal_received is not None
         if self.accelerator.num_processes > 1:
+            if state.completed_steps % self.args.logging_steps:
+                return due_by_steps
             flag = torch.tensor([float(due)], device=self.accelerator.device)
             due = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
         return due
@@ -798,13 +803,17 @@ def evaluate(accelerator, model, dataloader, per_example):
     per-example values (not per-batch means) keeps a small last batch from skewing
     averages."""
     model.eval()
-    parts = {}
+    parts, dtypes = {}, {}
     for batch in dataloader:
         out = accelerator.gather_for_metrics(per_example(model, batch))
         for k, v in out.items():
-            parts.setdefault(k, []).append(v.cpu())
+            # Kept as Python numbers, not as many small CPU tensors: on a CPU those would
+            # sit between the freed big buffers of each batch (logits) and keep the
+            # allocator from returning them (GBs over a long evaluation).
+            parts.setdefault(k, []).extend(v.cpu().tolist())
+            dtypes[k] = v.dtype
     model.train()
-    return {k: torch.cat(v) for k, v in parts.items()}
+    return {k: torch.tensor(v, dtype=dtypes[k]) for k, v in parts.items()}
 
 
 def load_metric(name, fallback):

@@ -225,7 +225,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(trained, tiny_bert, toy_files, 
     assert eval_entries(newest_state(out)) == eval_entries(newest_state(trained))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # what Colab, schedulers and Ctrl-C send
+@pytest.mark.parametrize("sig", [signal.SIGTERM])  # SIGINT (Ctrl-C): in test_every_script.py
 def test_signal_saves_then_rerun_continues_from_that_step(sig, trained, tiny_bert, toy_files, tmp_path):
     out = tmp_path / "terminated"
     proc = start_run(argv(tiny_bert, *toy_files, out, "--checkpointing_steps", 2))
