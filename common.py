@@ -385,6 +385,21 @@ def from_pretrained(loader, name, what="model"):
         ) from None
 
 
+def load_hub_dataset(name, config_name=None):
+    """`datasets.load_dataset(name, config_name)`, with one clear line when the hub cannot be
+    reached or has no such data set (offline, a typo, a missing config name)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config_name)
+    except (OSError, ValueError, FileNotFoundError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"--dataset_name {name}: cannot load it ({reason}); check the name and the network, "
+            "or pass local files with --train_file and --validation_file"
+        ) from None
+
+
 def load_text_data(args, keep_linebreaks=True):
     """Train and validation `datasets.Dataset`s with one `text` row per line of text:
     local files (--train_file, globs allowed), or a hub data set (--dataset_name).
@@ -405,7 +420,7 @@ def load_text_data(args, keep_linebreaks=True):
             train, validation = split_off_validation(train, args)
         names = {"train": args.train_file, "validation": args.validation_file or args.train_file}
     else:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        raw = load_hub_dataset(args.dataset_name, args.dataset_config_name)
         train = raw["train"]
         validation = raw["validation"] if "validation" in raw else None
         if validation is None:

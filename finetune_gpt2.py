@@ -33,10 +33,10 @@ def parse_args(argv=None):
         help="tokens per training sample (default: the smaller of 1024 and the model's maximum)",
     )
     parser.add_argument("--prompt", default="= Toronto Raptors =", help="text to continue at the end")
-    parser.add_argument("--max_new_tokens", type=int, default=100)
-    parser.add_argument("--top_k", type=int, default=50)
-    parser.add_argument("--top_p", type=float, default=0.95)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=int, default=100, help="length of the sample (0: no sample)")
+    parser.add_argument("--top_k", type=int, default=50, help="sample from the k likeliest tokens (0: all)")
+    parser.add_argument("--top_p", type=float, default=0.95, help="... whose probabilities add up to p (1: all)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="below 1: safer, above 1: wilder (0: greedy)")
     parser.add_argument("--archive", action="store_true", help="also write <output_dir>.tar.gz of the best model")
     parser.set_defaults(
         model_name_or_path="gpt2",
@@ -62,6 +62,20 @@ def load_tokenizer(name):
             "(e.g. '<|endoftext|>', as GPT-2's) or use a causal-LM tokenizer that has it"
         )
     return tokenizer
+
+
+def check_generation_args(args):
+    """Checked before training: a bad sampling flag must not surface only after hours of it."""
+    if args.max_new_tokens < 0 or args.top_k < 0 or args.temperature < 0:
+        raise common.UserError("--max_new_tokens, --top_k and --temperature cannot be negative")
+    if not 0 < args.top_p <= 1:
+        raise common.UserError(f"--top_p must be more than 0 and at most 1 (got {args.top_p})")
+
+
+def max_positions(model, tokenizer):
+    """How many tokens the model can see at once. GPT-2 says so in its config; a model with
+    no position table (ALiBi, e.g. BLOOM) has none there, so ask its tokenizer instead."""
+    return getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
 
 
 def choose_block_size(args, model_max):
@@ -121,12 +135,13 @@ def run_evaluation(accelerator, model, eval_dataloader):
 
 def train(args):
     common.check_args(args)
+    check_generation_args(args)
     output_dir = common.resolve_output_dir(args, "finetune_gpt2")
     accelerator = common.make_accelerator(args, output_dir)
 
     tokenizer = load_tokenizer(args.model_name_or_path)
     model = common.from_pretrained(AutoModelForCausalLM.from_pretrained, args.model_name_or_path)
-    block_size = choose_block_size(args, model.config.max_position_embeddings)
+    block_size = choose_block_size(args, max_positions(model, tokenizer))
     with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
         train_text, eval_text = common.load_text_data(args)
         train_data = tokenize_and_pack(train_text, tokenizer, block_size, "training")
@@ -272,20 +287,21 @@ def train(args):
 
 def generate_sample(args, model_dir, path, device):
     """Continue --prompt with the exported model, loaded as users will load it."""
+    if args.max_new_tokens == 0:
+        return None
     generator = pipeline("text-generation", model=str(model_dir), device=device)
-    # The model sees at most max_position_embeddings tokens: the prompt and what it adds.
-    room = generator.model.config.max_position_embeddings - len(generator.tokenizer(args.prompt)["input_ids"])
+    # The model sees at most max_positions tokens: the prompt and what it adds.
+    positions = max_positions(generator.model, generator.tokenizer)
+    room = positions - len(generator.tokenizer(args.prompt)["input_ids"])
     if room < 1:
-        print(f"\nThe prompt is longer than the model's {generator.model.config.max_position_embeddings} positions")
+        print(f"\nThe prompt is longer than the model's {positions} positions")
         return None
     set_seed(args.seed)  # the same sample for the same model and settings
+    sampling = {"do_sample": True, "top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
     text = generator(
         args.prompt,
         max_new_tokens=min(args.max_new_tokens, room),
-        do_sample=True,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        temperature=args.temperature,
+        **(sampling if args.temperature > 0 else {"do_sample": False}),  # temperature 0: the likeliest token
         pad_token_id=generator.tokenizer.eos_token_id,
     )[0]["generated_text"]
     print(f"\nSample from {model_dir}:\n{text}\n")

@@ -130,7 +130,7 @@ def load_data(args):
             split = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
             train, validation = split["train"], split["test"]
     else:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        raw = common.load_hub_dataset(args.dataset_name, args.dataset_config_name)
         train, validation = raw["train"], raw["validation"]
         where = {"train": args.dataset_name, "validation": args.dataset_name}
 

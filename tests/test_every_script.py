@@ -198,6 +198,8 @@ def bad_inputs(tmp_path, script):
         "Windows line endings": ({"train": write("crlf", good.replace(b"\n", b"\r\n"))}, "ok"),
         "directory instead of a file": ({"train": tmp_path}, ["directory"]),
         "model directory that is not a model": ({"model": not_a_model}, ["cannot load", "not-a-model"]),
+        # offline (as every test is) or misspelled: the hub cannot give it
+        "hub data set that cannot be loaded": ({"dataset": "no-such/wikitxt"}, ["--dataset_name no-such/wikitxt"]),
     }
     if text:
         cases["huge single line"] = ({"train": write("huge", good + huge)}, "ok")
@@ -222,6 +224,7 @@ SWEEP = [
         "Windows line endings",
         "directory instead of a file",
         "model directory that is not a model",
+        "hub data set that cannot be loaded",
         "huge single line",
         *(["quotes and embedded tabs", "blank labels"] if script == "train_classifier" else []),
     ]
@@ -249,6 +252,11 @@ def test_bad_input_sweep(script, case, setups, full_runs, tmp_path, capsys):
     args = s.argv(train, valid, out)
     if "model" in change:
         args += ["--model_name_or_path", str(change["model"])]
+    if "dataset" in change:  # no local files: the data set comes from the hub
+        for flag in ("--train_file", "--validation_file"):
+            i = args.index(flag)
+            del args[i : i + 2]
+        args += ["--dataset_name", change["dataset"]]
     line = fails_cleanly(s.module.main, args, capsys)
     for word in expected:
         assert word in line, line

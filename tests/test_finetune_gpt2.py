@@ -149,16 +149,22 @@ def test_exported_model_generates_in_pipeline(trained):
 
 def test_continue_from_the_exported_model(trained, text_files, tmp_path):
     best_loss = json.loads((trained / "eval_results.json").read_text())["loss"]
-    state = finetune_gpt2.main(argv(trained / "best", *text_files, tmp_path / "more", "--max_train_steps", 4))
+    more = tmp_path / "more"
+    state = finetune_gpt2.main(argv(trained / "best", *text_files, more, "--max_train_steps", 4, "--temperature", 0))
     assert state.completed_steps == 4
     first_eval = [e["eval_loss"] for e in state.log_history if "eval_loss" in e][0]
     assert first_eval < best_loss + 0.2  # starts from the tuned model, not from scratch
+    # --temperature 0: greedy decoding, what the pipeline gives without sampling
+    greedy = pipeline("text-generation", model=str(more / "best"))("the cat", max_new_tokens=12, do_sample=False)
+    assert (more / "samples.txt").read_text() == greedy[0]["generated_text"] + "\n"
 
 
 def test_validation_split_from_the_training_text(tiny_gpt2, text_files, tmp_path):
-    state = finetune_gpt2.main(argv(tiny_gpt2, text_files[0], None, tmp_path / "split", "--max_train_steps", 3))
+    out = tmp_path / "split"
+    state = finetune_gpt2.main(argv(tiny_gpt2, text_files[0], None, out, "--max_train_steps", 3, "--max_new_tokens", 0))
     assert state.completed_steps == 3
     assert any("eval_perplexity" in e for e in state.log_history)
+    assert not (out / "samples.txt").exists()  # --max_new_tokens 0: no sample
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(trained, tiny_gpt2, text_files, tmp_path):
@@ -221,6 +227,9 @@ def test_bad_input(trained, tiny_gpt2, text_files, tmp_path, capsys):
         "extension": (argv(tiny_gpt2, tmp_path / "data.csv", valid, out), ["unsupported extension"]),
         "short": (argv(tiny_gpt2, train, short, out), ["validation text has", "tokens", "--block_size"]),
         "too long a block": (argv(tiny_gpt2, train, valid, out, "--block_size", 65), ["maximum of 64", "64 or less"]),
+        # sampling flags are checked before training, not after it
+        "top_p": (argv(tiny_gpt2, train, valid, out, "--top_p", 1.5), ["--top_p must be"]),
+        "temperature": (argv(tiny_gpt2, train, valid, out, "--temperature", -1), ["cannot be negative"]),
     }
     (tmp_path / "data.csv").write_text("text\nhello\n")
     for name, (args, words) in cases.items():
