@@ -863,6 +863,13 @@ class Throughput:
     def add(self, num_tokens):
         self.tokens += num_tokens
 
+    def pause(self):
+        """From here to resume() (evaluating, saving) is not training: it does not count."""
+        self.paused_at = time.perf_counter()
+
+    def resume(self):
+        self.start += time.perf_counter() - self.paused_at
+
     def tokens_per_second(self):
         total = self.accelerator.reduce(self.tokens.clone(), reduction="sum").item()
         elapsed = time.perf_counter() - self.start

@@ -247,13 +247,16 @@ def train(args):
                 losses = []
                 progress_bar.set_postfix(common.progress_postfix(entry))
             if checkpointer.save_due(state):
+                throughput.pause()  # saving is not training: keep it out of tokens/s
                 checkpointer.save(state)
+                throughput.resume()
                 checkpointer.exit_if_signalled(state)
 
         if state.batch_in_epoch == len(train_dataloader):
             state.epoch += 1
             state.batch_in_epoch = 0
 
+        throughput.pause()  # evaluating and saving are not training either
         metrics = run_evaluation(accelerator, model, eval_dataloader)
         common.log_metrics(accelerator, state, {f"eval_{k}": v for k, v in metrics.items()})
         accelerator.print(
@@ -266,6 +269,7 @@ def train(args):
             if accelerator.is_main_process:
                 common.write_json(output_dir / "eval_results.json", {"step": state.completed_steps, **metrics})
         checkpointer.save(state)
+        throughput.resume()
         checkpointer.exit_if_signalled(state)
     progress_bar.close()
     accelerator.end_training()

@@ -427,7 +427,9 @@ def train(args):
                 losses = []
                 progress_bar.set_postfix(common.progress_postfix(entry))
             if checkpointer.save_due(state):
+                throughput.pause()  # saving is not training: keep it out of tokens/s
                 checkpointer.save(state)
+                throughput.resume()
                 checkpointer.exit_if_signalled(state)
 
         if state.batch_in_epoch == len(train_dataloader):  # the epoch ran to its end
@@ -435,6 +437,7 @@ def train(args):
             state.batch_in_epoch = 0
 
         # Evaluate, keep the best model, maybe stop early, then checkpoint.
+        throughput.pause()  # evaluating and saving are not training either
         metrics = run_evaluation(accelerator, model, eval_dataloader, num_labels)
         common.log_metrics(accelerator, state, {f"eval_{k}": v for k, v in metrics.items()})
         accelerator.print(f"epoch {state.epoch}, step {state.completed_steps}: {format_metrics(metrics)}")
@@ -454,6 +457,7 @@ def train(args):
                 )
                 state.stopped_early = True
         checkpointer.save(state)
+        throughput.resume()
         checkpointer.exit_if_signalled(state)
     progress_bar.close()
     accelerator.end_training()

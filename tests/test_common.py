@@ -23,3 +23,22 @@ def test_peak_flops_by_device_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     assert common.peak_flops(torch.device("cuda"), "fp16") == 65e12
     assert common.peak_flops(torch.device("cpu"), "no") is None
+
+
+def test_throughput_counts_training_time_only(monkeypatch):
+    from accelerate import Accelerator
+
+    clock = [100.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    throughput = common.Throughput(Accelerator(cpu=True))
+    throughput.add(torch.tensor(300))
+    clock[0] += 2  # 2 s of training
+    throughput.pause()
+    clock[0] += 50  # evaluating and saving
+    throughput.resume()
+    throughput.add(torch.tensor(100))
+    clock[0] += 2  # 2 more s of training
+    assert throughput.report() == {"tokens_per_second": 100.0}  # 400 tokens in 4 s; no MFU on a CPU
+    throughput.add(torch.tensor(50))
+    clock[0] += 1  # the next window starts where the report was made
+    assert throughput.tokens_per_second() == 50.0
