@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, set_seed
 from accelerate.utils import load as accelerate_load
 
@@ -484,6 +485,12 @@ def make_accelerator(args, output_dir):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     report_to = None if args.report_to == "none" else args.report_to
+    # Accelerate keeps its settings (precision, compilation, accumulation) in process-wide
+    # state that the first Accelerator fixes. A second run in the same Python process (a
+    # notebook calling main() twice) would silently keep the first run's: clear them.
+    # The process group and device (PartialState) stay.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=choose_mixed_precision(args.mixed_precision),
         # torch.compile at prepare(): fuses kernels; the first steps are slow while it compiles.

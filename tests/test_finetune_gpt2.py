@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -194,6 +195,46 @@ def test_sigkill_then_rerun_equals_uninterrupted(trained, tiny_gpt2, text_files,
     assert final_weights(out) == final_weights(trained), f"killed after step {target}"
     assert (out / "best" / "model.safetensors").read_bytes() == (trained / "best" / "model.safetensors").read_bytes()
     assert (out / "samples.txt").read_text() == (trained / "samples.txt").read_text()
+
+
+def test_torch_compile_trains_the_same_model_and_its_checkpoints_resume_without_it(
+    tiny_gpt2, text_files, tmp_path, capsys
+):
+    """--torch_compile changes how the model runs, not what it learns or what it saves;
+    and it ends with its run: the next run in the same process is not compiled."""
+    from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
+
+    # Without dropout: compiled code draws its dropout masks from another generator.
+    model = Path(shutil.copytree(tiny_gpt2, tmp_path / "no-dropout"))
+    config = json.loads((model / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+
+    def run(out, steps, *extra):
+        args = argv(model, *text_files, out, "--max_train_steps", steps, "--checkpointing_steps", 3, *extra)
+        counters.clear()
+        state = finetune_gpt2.main(args + ["--max_new_tokens", "0"])
+        return state, counters["stats"]["unique_graphs"]
+
+    def weights(out):
+        return load_file(checkpoints(out)[-1] / "model.safetensors")
+
+    def assert_close(a, b):
+        assert a.keys() == b.keys()  # no "_orig_mod." prefixes from the compiled module
+        for name in a:  # the same up to the order of floating-point sums in the fused kernels
+            torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3, msg=name)
+
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert run(eager, 6)[1] == 0
+    assert run(compiled, 6, "--torch_compile")[1] > 0  # it did compile
+    assert_close(weights(compiled), weights(eager))
+    shutil.rmtree(checkpoints(compiled)[-1])  # back to step 3, saved by the compiled run,
+    capsys.readouterr()
+    state, graphs = run(compiled, 6)  # and resumed without compiling
+    assert "Resumed from" in capsys.readouterr().out and state.completed_steps == 6
+    assert graphs == 0  # Accelerate's process-wide settings did not carry --torch_compile over
+    assert_close(weights(compiled), weights(eager))
 
 
 # ---------------------------------------------------------------------------
