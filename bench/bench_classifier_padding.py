@@ -1,11 +1,17 @@
-"""Dynamic padding against padding every example to 128 tokens, on the real MRPC files.
+"""What each padding change buys the classifier, on the real MRPC files.
 
     python bench/bench_classifier_padding.py [--steps 60] [--data ../shared/data/mrpc]
 
-Runs train_classifier.py's own training path twice in one process (same small BERT,
-same data, same number of optimizer steps) and prints tokens/s (real tokens, not
-padding), the share of padding in what the model computed on, and the ratio. Offline:
-the tokenizer is a WordPiece vocabulary trained here on the MRPC training text.
+Runs train_classifier.py itself three times in one process (same small BERT, same
+data, same number of optimizer steps), adding one change at a time:
+
+- padded to 128: every example padded to --max_seq_length (--pad_to_max_length);
+- dynamic padding: each batch padded to its longest example (--no-group_by_length);
+- + length grouping: batches of examples of similar length (the default).
+
+It prints tokens/s (real tokens, not padding), the share of padding in what the model
+computed on, and the ratio to the first. Offline: the tokenizer is a WordPiece
+vocabulary trained here on the MRPC training text.
 """
 
 import argparse
@@ -57,9 +63,8 @@ def build_model(rows, path):
     tokenizer.save_pretrained(path)
 
 
-def padding_share(tokenizer_dir, train_file, pad_to_128, batch_size):
-    """Share of padding over one epoch, in the order the script would see it (any order gives
-    about the same share)."""
+def padding_share(tokenizer_dir, train_file, pad_to_128, batch_size, grouped=False):
+    """Share of padding over one epoch of batches as the script builds them."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -68,8 +73,10 @@ def padding_share(tokenizer_dir, train_file, pad_to_128, batch_size):
     lengths = [
         len(tokenizer(r["sentence1"], r["sentence2"], truncation=True, max_length=128)["input_ids"]) for r in rows
     ]
-    g = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(lengths), generator=g).tolist()
+    if grouped:
+        order = list(train_classifier.LengthGroupedSampler(lengths, batch_size, seed=42))
+    else:
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
     real = computed = 0
     for i in range(0, len(order), batch_size):
         batch = [lengths[j] for j in order[i : i + batch_size]]
@@ -90,8 +97,13 @@ def main():
     build_model(rows, work / "model")
 
     results = {}
-    for name, extra in (("padded to 128", ["--pad_to_max_length"]), ("dynamic padding", [])):
-        out = work / name.replace(" ", "_")
+    ways = {
+        "padded to 128": ["--pad_to_max_length", "--no-group_by_length"],
+        "dynamic padding": ["--no-group_by_length"],
+        "+ length grouping": [],
+    }
+    for name, extra in ways.items():
+        out = work / name.replace(" ", "_").replace("+", "and")
         start = time.perf_counter()
         train_classifier.main(
             [
@@ -123,7 +135,9 @@ def main():
         eval_loss = [e["eval_loss"] for e in history if "eval_loss" in e][-1]
         results[name] = {
             "tokens_per_second": sum(rates) / len(rates),
-            "padding": padding_share(work / "model", work / "train.tsv", bool(extra), args.batch_size),
+            "padding": padding_share(
+                work / "model", work / "train.tsv", "--pad_to_max_length" in extra, args.batch_size, grouped=not extra
+            ),
             "eval_loss": eval_loss,
             "wall_s": time.perf_counter() - start,
         }
@@ -133,11 +147,11 @@ def main():
         f"\nMRPC train, BERT 4x256, batch {args.batch_size}, {args.steps} optimizer steps, "
         f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"
     )
-    print(f"| {'padding':<16} | {'real tokens/s':>13} | {'padding share':>13} | {'eval loss':>9} | {'vs 128':>6} |")
-    print(f"|{'-' * 18}|{'-' * 15}|{'-' * 15}|{'-' * 11}|{'-' * 8}|")
+    print(f"| {'padding':<17} | {'real tokens/s':>13} | {'padding share':>13} | {'eval loss':>9} | {'vs 128':>6} |")
+    print(f"|{'-' * 19}|{'-' * 15}|{'-' * 15}|{'-' * 11}|{'-' * 8}|")
     for name, r in results.items():
         print(
-            f"| {name:<16} | {r['tokens_per_second']:>13,.0f} | {r['padding']:>13.1%} | "
+            f"| {name:<17} | {r['tokens_per_second']:>13,.0f} | {r['padding']:>13.1%} | "
             f"{r['eval_loss']:>9.4f} | {r['tokens_per_second'] / base:>5.2f}x |"
         )
 
