@@ -76,6 +76,18 @@ def run(train_fn, args):
         )
     finally:
         OutputLock.release_held()
+        restore_signal_handlers()
+
+
+# What SIGTERM and SIGINT did before a run caught them, to give back when it ends: a
+# notebook that calls main() keeps its own Ctrl-C ("interrupt the kernel") afterwards.
+PREVIOUS_SIGNAL_HANDLERS = {}
+
+
+def restore_signal_handlers():
+    while PREVIOUS_SIGNAL_HANDLERS:
+        sig, handler = PREVIOUS_SIGNAL_HANDLERS.popitem()
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def user_error(message):
@@ -597,6 +609,7 @@ class Checkpointer:
         self.last_save_time = time.monotonic()
         self.signal_received = None
         for sig in (signal.SIGTERM, signal.SIGINT):
+            PREVIOUS_SIGNAL_HANDLERS.setdefault(sig, signal.getsignal(sig))
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame):

@@ -2,9 +2,11 @@
 checkpoint, SIGTERM / SIGINT, changed settings, and a sweep of the bad input users
 really feed. (The shared machinery itself is tested in test_faults.py.)"""
 
+import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +144,39 @@ def test_signal_saves_and_the_rerun_continues_from_that_step(script, sig, setups
     resumed = helpers.run_script(f"{script}.py", *s.args(out))  # no step saves: only the signal's checkpoint
     assert f"step {saved}," in resumed.stdout.split("Resumed from")[1].splitlines()[0]
     assert final_weights(out) == final_weights(full_runs[script])
+
+
+def test_a_run_called_in_process_gives_the_signals_back(setups, tmp_path):
+    """main() called from a notebook catches SIGTERM / SIGINT only while it runs: after it,
+    interrupting the kernel works as before, whether the run finished or was stopped."""
+    s = setups["pretrain_mlm"]
+    caught = []
+
+    def notebook_handler(signum, frame):
+        caught.append(signum)
+
+    before = {sig: signal.signal(sig, notebook_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        s.module.main(s.args(tmp_path / "finished", "--max_train_steps", 2))
+        assert [signal.getsignal(sig) for sig in before] == [notebook_handler] * 2
+
+        out = tmp_path / "stopped"
+
+        def terminate_after_the_first_save():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not list(out.glob("checkpoints/step_*")):
+                time.sleep(0.002)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=terminate_after_the_first_save, daemon=True).start()
+        with pytest.raises(SystemExit) as stopped:
+            s.module.main(s.args(out, "--checkpointing_steps", 2))
+        assert stopped.value.code == 128 + signal.SIGTERM
+        assert caught == []  # the run received it, and saved
+        assert [signal.getsignal(sig) for sig in before] == [notebook_handler] * 2
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 CHANGES = {
