@@ -1,6 +1,6 @@
 """Tutorial-style training against each script's default path, side by side.
 
-    python bench/bench_speed.py [--only classifier,gpt2,mlm] [--steps 40]
+    python bench/bench_speed.py [--only classifier,gpt2,mlm] [--steps 40] [--seed 42]
 
 For each script, the same small model (same initial weights) and the same real data
 from ../shared/data train for the same number of optimizer steps two ways:
@@ -111,7 +111,7 @@ def script_rates(output_dir):
 # ---------------------------------------------------------------------------
 
 
-def bench_classifier(work, way, steps, batch_size):
+def bench_classifier(work, way, steps, seed, batch_size):
     rows = convert_mrpc(DATA / "mrpc" / "train.tsv", work / "train.tsv")
     convert_mrpc(DATA / "mrpc" / "dev.tsv", work / "dev.tsv")
     model_dir = work / "bert"
@@ -135,7 +135,7 @@ def bench_classifier(work, way, steps, batch_size):
         return [dict(zip(enc, values)) for values in zip(*enc.values())]
 
     if way == "baseline":
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         with PeakMemory() as memory:  # like the script's run: data, model, training, evaluation
             model = AutoModelForSequenceClassification.from_pretrained(model_dir)
             loader = DataLoader(encode(read(work / "train.tsv")), batch_size=batch_size, shuffle=True)
@@ -150,7 +150,7 @@ def bench_classifier(work, way, steps, batch_size):
                 *("--model_name_or_path", model_dir, "--output_dir", out),
                 *("--train_file", work / "train.tsv", "--validation_file", work / "dev.tsv"),
                 *("--per_device_train_batch_size", batch_size, "--max_train_steps", steps),
-                *("--logging_steps", 5, "--save_every_minutes", 0, "--weight_decay", 0.01),
+                *("--logging_steps", 5, "--save_every_minutes", 0, "--weight_decay", 0.01, "--seed", seed),
             )
         )
     tps, eval_loss = script_rates(out)
@@ -209,7 +209,7 @@ def plain_accelerator():
     return Accelerator()
 
 
-def bench_gpt2(work, way, steps, batch_size, block_size):
+def bench_gpt2(work, way, steps, seed, batch_size, block_size):
     from test_finetune_gpt2 import make_tiny_gpt2  # the tests' builder: byte-level BPE + GPT-2 config
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -229,7 +229,7 @@ def bench_gpt2(work, way, steps, batch_size, block_size):
         bos_token_id=end,
         eos_token_id=end,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)  # the same initial weights both ways
     GPT2LMHeadModel(config).save_pretrained(model_dir)
 
     tokenizer.pad_token = tokenizer.eos_token
@@ -257,7 +257,7 @@ def bench_gpt2(work, way, steps, batch_size, block_size):
                 *("--model_name_or_path", model_dir, "--output_dir", out, "--block_size", block_size),
                 *("--train_file", train_file, "--validation_file", eval_file, "--learning_rate", "5e-4"),
                 *("--per_device_train_batch_size", batch_size, "--max_train_steps", steps),
-                *("--logging_steps", 5, "--save_every_minutes", 0, "--max_new_tokens", 5),
+                *("--logging_steps", 5, "--save_every_minutes", 0, "--max_new_tokens", 5, "--seed", seed),
             )
         )
     tps, eval_loss = script_rates(out)
@@ -271,7 +271,7 @@ def load_text(paths, keep_linebreaks):
     return datasets.load_dataset("text", data_files=files, split="train", keep_linebreaks=keep_linebreaks)
 
 
-def bench_mlm(work, way, steps, batch_size, max_seq_length):
+def bench_mlm(work, way, steps, seed, batch_size, max_seq_length):
     from transformers import DataCollatorForLanguageModeling
 
     import pretrain_mlm
@@ -284,6 +284,7 @@ def bench_mlm(work, way, steps, batch_size, max_seq_length):
         *sizes,
         *("--per_device_train_batch_size", batch_size, "--max_train_steps", steps, "--learning_rate", "5e-4"),
         *("--logging_steps", 5, "--save_every_minutes", 0, "--fill_mask_prompt", "She was <mask> to see him."),
+        *("--seed", seed),
     )
     if way == "ours":  # runs first: the baseline uses the tokenizer it trains
         with PeakMemory() as memory:
@@ -295,7 +296,7 @@ def bench_mlm(work, way, steps, batch_size, max_seq_length):
     # padded to max_seq_length, with the tokenizer the script trained and the same start.
     tokenizer = AutoTokenizer.from_pretrained(out)
     args = pretrain_mlm.parse_args(strings("--output_dir", out, *common_args))
-    torch.manual_seed(42)
+    torch.manual_seed(seed)  # as the script seeds before building its model
     with PeakMemory() as memory:  # like the script's run: data, model, training, evaluation
         model = pretrain_mlm.new_model(args, tokenizer)
         samples = line_by_line(tokenizer, read_lines(books), max_seq_length)
@@ -330,15 +331,15 @@ def print_table(title, results):
 
 SECTIONS = {
     "classifier": (
-        lambda work, way, steps: bench_classifier(work, way, steps, batch_size=32),
+        lambda work, way, steps, seed: bench_classifier(work, way, steps, seed, batch_size=32),
         "train_classifier.py: MRPC, BERT 4x256, WordPiece 8k, batch 32",
     ),
     "gpt2": (
-        lambda work, way, steps: bench_gpt2(work, way, steps, batch_size=8, block_size=128),
+        lambda work, way, steps, seed: bench_gpt2(work, way, steps, seed, batch_size=8, block_size=128),
         "finetune_gpt2.py: WikiText-2 (valid -> test), GPT-2 4x256, BPE 8k, 8 x 128 tokens",
     ),
     "mlm": (
-        lambda work, way, steps: bench_mlm(work, way, steps, batch_size=16, max_seq_length=128),
+        lambda work, way, steps, seed: bench_mlm(work, way, steps, seed, batch_size=16, max_seq_length=128),
         "pretrain_mlm.py: two books, RoBERTa 4x256, BPE 8k, 16 x 128 tokens",
     ),
 }
@@ -348,12 +349,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--only", default="classifier,gpt2,mlm")
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--seed", type=int, default=42, help="the same seed both ways (the scripts' default)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # section:way, run in a process of its own
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         section, way = args.child.split(":")
-        result = SECTIONS[section][0](Path(args.work), way, args.steps)
+        result = SECTIONS[section][0](Path(args.work), way, args.steps, args.seed)
         print("RESULT " + json.dumps(result))
         return
 
@@ -366,12 +368,13 @@ def main():
         # since the baseline uses the tokenizer the script trains.
         for way in ("ours", "baseline") if section == "mlm" else ("baseline", "ours"):
             command = [sys.executable, __file__, "--child", f"{section}:{way}", "--work", str(work)]
-            proc = subprocess.run([*command, "--steps", str(args.steps)], capture_output=True, text=True)
+            command += ["--steps", str(args.steps), "--seed", str(args.seed)]
+            proc = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not lines:
                 raise SystemExit(f"{section}:{way} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             results[way] = json.loads(lines[-1][len("RESULT ") :])
-        tables.append((f"{SECTIONS[section][1]}, {args.steps} optimizer steps", results))
+        tables.append((f"{SECTIONS[section][1]}, {args.steps} optimizer steps, seed {args.seed}", results))
     print(f"\ntorch {torch.__version__} on {where}; each way in its own process")
     for title, results in tables:
         print_table(title, {"baseline": results["baseline"], "ours": results["ours"]})
