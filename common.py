@@ -385,16 +385,22 @@ def check_utf8(path, flag):
             offset += len(chunk)
 
 
+def first_line(err, limit=200):
+    """An exception's message as one short line for a one-line error; its type when the
+    message is empty (some loaders raise bare exceptions)."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
 def from_pretrained(loader, name, what="model"):
     """`loader(name)` (an AutoModel/AutoTokenizer `from_pretrained`), with one clear line
     when `name` is neither a model directory nor a hub name that can be reached."""
     try:
         return loader(name)
     except (OSError, ValueError, KeyError) as err:
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"--model_name_or_path {name}: cannot load a {what} from it ({reason}); pass a hub name, or a folder "
-            "saved with save_pretrained (config.json, weights and tokenizer files)"
+            f"--model_name_or_path {name}: cannot load a {what} from it ({first_line(err)}); pass a hub name, "
+            "or a folder saved with save_pretrained (config.json, weights and tokenizer files)"
         ) from None
 
 
@@ -405,10 +411,9 @@ def load_hub_dataset(name, config_name=None):
 
     try:
         return datasets.load_dataset(name, config_name)
-    except (OSError, ValueError, FileNotFoundError) as err:
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    except (OSError, ValueError) as err:  # OSError: FileNotFoundError and network errors
         raise UserError(
-            f"--dataset_name {name}: cannot load it ({reason}); check the name and the network, "
+            f"--dataset_name {name}: cannot load it ({first_line(err)}); check the name and the network, "
             "or pass local files with --train_file and --validation_file"
         ) from None
 
@@ -665,7 +670,7 @@ class Checkpointer:
             try:
                 self.load(path)
             except Exception as err:  # whole in size but unreadable, or not safe to unpickle
-                reason = str(err).strip().splitlines()[0][:300]
+                reason = first_line(err, limit=300)
                 self.accelerator.print(f"warning: could not load checkpoint {path} ({reason}); trying an older one")
                 failed.append(path)
                 continue
@@ -691,7 +696,7 @@ class Checkpointer:
         try:
             accelerate_load(rng_file)
         except Exception as err:
-            raise ValueError(f"{rng_file.name} cannot be loaded safely: {str(err).strip().splitlines()[0]}") from None
+            raise ValueError(f"{rng_file.name} cannot be loaded safely: {first_line(err, limit=None)}") from None
         self.accelerator.load_state(str(path))
 
     def check_fingerprint(self, saved, path):

@@ -97,7 +97,7 @@ def load_local_file(path):
         cause = err.__cause__ or err
         raise common.UserError(
             f"{path}: rows could not be parsed as {kind.upper()} "
-            f"({type(cause).__name__}: {str(cause).splitlines()[0][:200]}); fix the file"
+            f"({type(cause).__name__}: {common.first_line(cause)}); fix the file"
         ) from None
 
 

@@ -42,3 +42,8 @@ def test_throughput_counts_training_time_only(monkeypatch):
     throughput.add(torch.tensor(50))
     clock[0] += 1  # the next window starts where the report was made
     assert throughput.tokens_per_second() == 50.0
+
+
+def test_first_line_of_an_error():
+    assert common.first_line(ValueError("  bad header\n  at line 3\n"), limit=6) == "bad he"
+    assert common.first_line(EOFError()) == "EOFError"  # no message: its type, not an IndexError
