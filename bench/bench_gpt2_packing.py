@@ -40,19 +40,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from tokenizers import ByteLevelBPETokenizer  # noqa: E402
+from test_finetune_gpt2 import make_tiny_gpt2  # noqa: E402  (the tests' builder)
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPT2TokenizerFast,
     default_data_collator,
     get_scheduler,
 )
@@ -65,23 +63,16 @@ WARMUP_STEPS = 3  # not timed: first calls allocate and pick kernels
 
 def build_model(train_lines, path, block_size, vocab_size=8000):
     """A GPT-2-style byte-level BPE trained on the text, and a 4 x 256 GPT-2, saved like a hub model."""
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(train_lines, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"])
-    end = "<|endoftext|>"
-    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=end, bos_token=end, unk_token=end)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
+    return make_tiny_gpt2(
+        path,
+        train_lines,
+        vocab_size=vocab_size,
+        min_frequency=2,
         n_positions=block_size,
         n_embd=256,
         n_layer=4,
         n_head=4,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return Path(path)
 
 
 def as_dataset(lines):

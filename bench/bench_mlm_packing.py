@@ -21,7 +21,6 @@ of lines held out) and WikiText-2 raw (wiki.test.raw, the last 10% held out).
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -35,6 +34,7 @@ DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from bench_speed import script_rates  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 import pretrain_mlm  # noqa: E402
@@ -55,9 +55,7 @@ def run(train_file, out, steps, batch_size, seq_len, line_by_line):
         *(["--line_by_line"] if line_by_line else []),
     ]
     pretrain_mlm.main([str(a) for a in argv])
-    history = json.loads((Path(out) / "log_history.json").read_text())
-    rates = [e["tokens_per_second"] for e in history if "tokens_per_second" in e][1:]  # without warm-up
-    return sum(rates) / len(rates)
+    return script_rates(out)[0]  # tokens/s the script logged, without its warm-up window
 
 
 def line_statistics(train_file, out, batch_size, seq_len):

@@ -211,26 +211,15 @@ def plain_accelerator():
 
 def bench_gpt2(work, way, steps, seed, batch_size, block_size):
     from test_finetune_gpt2 import make_tiny_gpt2  # the tests' builder: byte-level BPE + GPT-2 config
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     import finetune_gpt2
 
     train_file, eval_file = DATA / "wikitext-2" / "valid.txt", DATA / "wikitext-2" / "test.txt"
     model_dir = work / "gpt2"
-    make_tiny_gpt2(model_dir, read_lines([train_file]), vocab_size=8000)  # for its tokenizer
+    # The same initial weights both ways.
+    sizes = {"n_positions": block_size, "n_embd": 256, "n_layer": 4, "n_head": 4}
+    make_tiny_gpt2(model_dir, read_lines([train_file]), vocab_size=8000, seed=seed, **sizes)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    end = tokenizer.eos_token_id
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=block_size,
-        n_embd=256,
-        n_layer=4,
-        n_head=4,
-        bos_token_id=end,
-        eos_token_id=end,
-    )
-    torch.manual_seed(seed)  # the same initial weights both ways
-    GPT2LMHeadModel(config).save_pretrained(model_dir)
 
     tokenizer.pad_token = tokenizer.eos_token
     if way == "baseline":

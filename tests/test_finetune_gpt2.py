@@ -31,22 +31,17 @@ def repetitive_lines(n, seed):
     return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(PLACES)}" for _ in range(n)]
 
 
-def make_tiny_gpt2(path, text, eos=True, vocab_size=300):
+def make_tiny_gpt2(path, text, eos=True, vocab_size=300, min_frequency=1, seed=0, **sizes):
+    """A byte-level BPE trained on `text` and a GPT-2 of `sizes` (default 2 x 32, 64 positions)
+    with weights from `seed`, saved like a hub model. The benchmarks build theirs here too."""
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(text, vocab_size=vocab_size, min_frequency=1, special_tokens=["<|endoftext|>"])
+    bpe.train_from_iterator(text, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=["<|endoftext|>"])
     end = "<|endoftext|>" if eos else None
     tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=end, bos_token=end, unk_token=end)
     end_id = tokenizer.eos_token_id if eos else None
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=end_id,
-        eos_token_id=end_id,
-    )
-    torch.manual_seed(0)
+    sizes = {"n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2} | sizes
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=end_id, eos_token_id=end_id, **sizes)
+    torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
