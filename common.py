@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from accelerate.utils import load as accelerate_load
 
 # Colab mounts Google Drive here; outputs default to a folder inside it.
@@ -88,6 +88,11 @@ def restore_signal_handlers():
     while PREVIOUS_SIGNAL_HANDLERS:
         sig, handler = PREVIOUS_SIGNAL_HANDLERS.popitem()
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def main_print(*args):
+    """print() on the main process only, from anywhere once the Accelerator exists."""
+    PartialState().print(*args)
 
 
 def user_error(message):
@@ -347,22 +352,23 @@ def lock_output_dir(accelerator, output_dir):
 TEXT_EXTENSIONS = (".txt", ".raw", ".text")
 
 
-def text_files(pattern, flag):
-    """Files matching a path or glob, each checked to be a readable plain-text file."""
+def input_files(pattern, flag, extensions):
+    """The files a data flag names (a path, or a glob such as "books/*.txt"), each checked
+    to be a non-empty UTF-8 file with one of `extensions`."""
     paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [Path(pattern)]
     if not paths:
-        raise UserError(f"{flag} {pattern}: no file matches; check the path or pattern")
+        raise UserError(f"file not found: no file matches {pattern}; check the path or pattern given to {flag}")
     for path in paths:
         if path.is_dir():
-            raise UserError(f"{flag} {path} is a directory; pass the text files (a glob such as '{path}/*.txt' works)")
-        if not path.is_file():
-            raise UserError(f"{flag} {path}: file not found; check the path")
-        if path.suffix.lower() not in TEXT_EXTENSIONS:
             raise UserError(
-                f"{flag} {path}: unsupported extension '{path.suffix}'; use plain text ({', '.join(TEXT_EXTENSIONS)})"
+                f"{flag} {path} is a directory, not a file; pass the file itself (a glob such as '{path}/*' works)"
             )
+        if not path.is_file():
+            raise UserError(f"file not found: {path}; check the path given to {flag}")
+        if path.suffix.lower() not in extensions:
+            raise UserError(f"{flag} {path}: unsupported extension '{path.suffix}'; use one of {', '.join(extensions)}")
         if path.stat().st_size == 0:
-            raise UserError(f"{flag} {path} is empty; give it some text")
+            raise UserError(f"{flag} {path} is empty; give it some data")
         check_utf8(path, flag)
     return [str(p) for p in paths]
 
@@ -404,18 +410,30 @@ def from_pretrained(loader, name, what="model"):
         ) from None
 
 
+# Where a hub data set keeps its validation data (MNLI: validation_matched).
+VALIDATION_SPLITS = ("validation", "validation_matched", "valid", "dev")
+
+
 def load_hub_dataset(name, config_name=None):
-    """`datasets.load_dataset(name, config_name)`, with one clear line when the hub cannot be
-    reached or has no such data set (offline, a typo, a missing config name)."""
+    """The train split and the validation split (None if the set has none) of
+    `datasets.load_dataset(name, config_name)` (or of a folder saved with `save_to_disk`),
+    with one clear line when the hub cannot be reached or has no such data set (offline,
+    a typo, a missing config name)."""
     import datasets
 
     try:
-        return datasets.load_dataset(name, config_name)
+        if (Path(name) / "dataset_dict.json").exists():  # a folder written by DatasetDict.save_to_disk
+            raw = datasets.load_from_disk(name)
+        else:
+            raw = datasets.load_dataset(name, config_name)
     except (OSError, ValueError) as err:  # OSError: FileNotFoundError and network errors
         raise UserError(
             f"--dataset_name {name}: cannot load it ({first_line(err)}); check the name and the network, "
             "or pass local files with --train_file and --validation_file"
         ) from None
+    if "train" not in raw:
+        raise UserError(f"--dataset_name {name} has no 'train' split (it has {list(raw)}); pass local files instead")
+    return raw["train"], next((raw[split] for split in VALIDATION_SPLITS if split in raw), None)
 
 
 def load_text_data(args, keep_linebreaks=True):
@@ -427,23 +445,18 @@ def load_text_data(args, keep_linebreaks=True):
     import datasets
 
     def load_files(pattern, flag):
-        files = text_files(pattern, flag)
+        files = input_files(pattern, flag, TEXT_EXTENSIONS)
         return datasets.load_dataset("text", data_files=files, split="train", keep_linebreaks=keep_linebreaks)
 
     if args.train_file:
         train = load_files(args.train_file, "--train_file")
-        if args.validation_file:
-            validation = load_files(args.validation_file, "--validation_file")
-        else:
-            train, validation = split_off_validation(train, args)
+        validation = load_files(args.validation_file, "--validation_file") if args.validation_file else None
         names = {"train": args.train_file, "validation": args.validation_file or args.train_file}
     else:
-        raw = load_hub_dataset(args.dataset_name, args.dataset_config_name)
-        train = raw["train"]
-        validation = raw["validation"] if "validation" in raw else None
-        if validation is None:
-            train, validation = split_off_validation(train, args)
+        train, validation = load_hub_dataset(args.dataset_name, args.dataset_config_name)
         names = {"train": args.dataset_name, "validation": args.dataset_name}
+    if validation is None:
+        train, validation = split_off_validation(train, args)
     for split, data in (("train", train), ("validation", validation)):
         if not any(line.strip() for line in data["text"]):
             raise UserError(f"{names[split]}: the {split} text is empty; give it some text")
@@ -562,6 +575,17 @@ def make_optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.learning_rate, fused=fused)
 
 
+def describe_training(accelerator, args, num_epochs, total_steps, steps_per_epoch):
+    """The line a run starts with: its length, its global batch, where it runs."""
+    per_device, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    processes = accelerator.num_processes
+    return (
+        f"Training for {num_epochs} epochs, {total_steps} optimizer steps ({steps_per_epoch} per epoch), "
+        f"global batch {per_device * accumulation * processes} ({per_device} per device x {accumulation} "
+        f"accumulated x {processes} process(es)), {accelerator.device}, mixed precision: {accelerator.mixed_precision}"
+    )
+
+
 def training_steps(batches_per_epoch, args):
     """Optimizer steps per epoch, in total, and the number of epochs that takes.
 
@@ -596,21 +620,49 @@ class TrainingState:
     log_history: list = field(default_factory=list)
 
 
+# Flags that may change when a run resumes: they set how long it trains and how it saves,
+# logs and runs, not what it learns. Every other flag must match the checkpoint's (each
+# script adds its own harmless ones, such as the demo's prompt).
+MAY_CHANGE_ON_RESUME = (
+    "num_train_epochs",
+    "max_train_steps",
+    "output_dir",
+    "drive",
+    "resume_from_checkpoint",
+    "no_resume",
+    "checkpointing_steps",
+    "save_every_minutes",
+    "keep_last",
+    "logging_steps",
+    "report_to",
+    "per_device_eval_batch_size",
+    "mixed_precision",
+    "torch_compile",
+    "dataloader_num_workers",
+)
+# These three may change together when their product, the global batch, stays the same.
+BATCH_GEOMETRY = ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps")
+
+
 class Checkpointer:
     """Saves and finds checkpoints in <output_dir>/checkpoints.
 
-    A checkpoint is a folder written by `accelerator.save_state` (model weights as
-    safetensors, optimizer, scheduler, grad scaler, RNG states of every process) plus
-    training_state.json. It is written under a temporary name and renamed when
-    complete, so a crash mid-save never leaves a newest checkpoint that cannot load.
+    A checkpoint is a folder written by `accelerator.save_state`: the model weights
+    (safetensors), optimizer, scheduler, gradient scaler and sampler states, one
+    random_states_<process>.pkl per process (under FSDP or DeepSpeed, sub-folders of
+    shards), plus training_state.json with the progress, the settings and the size of
+    every file. It is written under a temporary name and renamed when complete, so a
+    crash mid-save never leaves a newest checkpoint that cannot load.
     """
 
-    def __init__(self, accelerator, output_dir, args, fingerprint):
+    def __init__(self, accelerator, output_dir, args, extra_settings, may_change=()):
         self.accelerator = accelerator
         self.dir = Path(output_dir) / CHECKPOINTS
         self.args = args
         # Settings a resumed run must share with the run that wrote the checkpoint.
-        self.fingerprint = dict(fingerprint, num_processes=accelerator.num_processes)
+        harmless = set(MAY_CHANGE_ON_RESUME) | set(may_change)
+        self.fingerprint = {k: v for k, v in vars(args).items() if k not in harmless}
+        self.fingerprint.update(extra_settings, num_processes=accelerator.num_processes)
         self.last_save_time = time.monotonic()
         self.signal_received = None
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -632,7 +684,7 @@ class Checkpointer:
         if not self.dir.is_dir():
             return found
         for path in self.dir.iterdir():
-            if not path.is_dir() or path.name.startswith(".tmp"):
+            if not path.is_dir() or path.name.startswith((".tmp", ".old")):
                 continue
             try:
                 meta = json.loads((path / STATE_FILE).read_text())
@@ -652,7 +704,7 @@ class Checkpointer:
         prepared objects; return its TrainingState, or a fresh one."""
         if self.args.no_resume:
             if self.accelerator.is_main_process and self.dir.exists():
-                shutil.rmtree(self.dir)
+                delete_tree(self.dir)
             self.accelerator.wait_for_everyone()
             return TrainingState()
         candidates = self.complete_checkpoints()
@@ -666,15 +718,22 @@ class Checkpointer:
                 )
         failed = []
         for meta, path in reversed(candidates):
-            self.check_fingerprint(meta["fingerprint"], path)
+            saved = meta["fingerprint"]
+            self.check_fingerprint(saved, path)
             try:
-                self.load(path)
+                self.load(path, same_processes=saved["num_processes"] == self.accelerator.num_processes)
             except Exception as err:  # whole in size but unreadable, or not safe to unpickle
                 reason = first_line(err, limit=300)
                 self.accelerator.print(f"warning: could not load checkpoint {path} ({reason}); trying an older one")
                 failed.append(path)
                 continue
             state = TrainingState(**meta["state"])
+            if saved["gradient_accumulation_steps"] != self.args.gradient_accumulation_steps:
+                # Same global batch, other split: the same optimizer steps of this epoch are done.
+                steps_done = math.ceil(state.batch_in_epoch / saved["gradient_accumulation_steps"])
+                state.batch_in_epoch = steps_done * self.args.gradient_accumulation_steps
+            # Accelerate counts micro-batches since the epoch began to know when to step.
+            self.accelerator.step = state.batch_in_epoch
             self.accelerator.print(
                 f"Resumed from {path}: epoch {state.epoch}, "
                 f"step {state.completed_steps}, batch {state.batch_in_epoch} of the epoch"
@@ -688,29 +747,52 @@ class Checkpointer:
             )
         return TrainingState()
 
-    def load(self, path):
+    def load(self, path, same_processes=True):
         """accelerator.load_state, which unpickles only tensors and plain data (torch's
         weights_only), so a planted pickle cannot run code. Accelerate quietly skips
-        random states it cannot load; we check they load, since exact resume needs them."""
+        random states it cannot load; we check they load, since exact resume needs them
+        (on another number of processes, a process without its own file keeps its seed)."""
         rng_file = path / f"random_states_{self.accelerator.process_index}.pkl"
-        try:
-            accelerate_load(rng_file)
-        except Exception as err:
-            raise ValueError(f"{rng_file.name} cannot be loaded safely: {first_line(err, limit=None)}") from None
+        if same_processes or rng_file.exists():
+            try:
+                accelerate_load(rng_file)
+            except Exception as err:
+                raise ValueError(f"{rng_file.name} cannot be loaded safely: {first_line(err, limit=None)}") from None
         self.accelerator.load_state(str(path))
 
     def check_fingerprint(self, saved, path):
-        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self.fingerprint.items() if saved.get(k) != v]
-        if changed:
-            how = "the same settings"
-            if saved.get("num_processes") != self.fingerprint["num_processes"]:
-                # Batches per process, the data each process saw, and one random state
-                # per process are all tied to the process count.
-                how = f"the same settings and {saved.get('num_processes')} process(es)"
+        """Refuse a checkpoint made with settings that change what is learned. The batch
+        may be split otherwise (processes x per-device batch x accumulation) if its global
+        size stays: each optimizer step then sees the same examples as before."""
+        changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in self.fingerprint.items() if k in saved and saved[k] != v]
+        other = [c for c in changed if c.split(":")[0] not in BATCH_GEOMETRY]
+        if other:
             raise UserError(
-                f"the checkpoint in {path.parent} was made with other settings ({'; '.join(changed)}); "
-                f"use {how} to resume, or --no_resume / another --output_dir to start fresh"
+                f"the checkpoint in {path.parent} was made with other settings ({'; '.join(other)}); "
+                "use the same settings to resume, or --no_resume / another --output_dir to start fresh"
             )
+        if not changed:
+            return
+        old, new = ([fp[k] for k in BATCH_GEOMETRY] for fp in (saved, self.fingerprint))
+        if math.prod(old) != math.prod(new):
+            raise UserError(
+                f"the checkpoint in {path.parent} was made with another global batch ({'; '.join(changed)}: "
+                f"{math.prod(old)} -> {math.prod(new)} examples per optimizer step); "
+                f"{batch_advice(math.prod(old), *new)} (it was made on {old[0]} process(es)); "
+                "or --no_resume / another --output_dir to start fresh"
+            )
+        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if sharded and old[0] != new[0]:
+            raise UserError(
+                f"the checkpoint in {path.parent} holds FSDP/DeepSpeed shards of {old[0]} process(es); "
+                f"resume it on {old[0]} process(es), or --no_resume to start fresh"
+            )
+        self.accelerator.print(
+            f"note: the checkpoint was made with {' x '.join(map(str, old))} (processes x per-device batch x "
+            f"accumulation), this run uses {' x '.join(map(str, new))}: the same {math.prod(new)} examples per "
+            "optimizer step, from the same step and place in the data; random streams (dropout, masking) go on "
+            "from process 0's"
+        )
 
     # -- saving ------------------------------------------------------------
 
@@ -734,24 +816,23 @@ class Checkpointer:
 
     def save(self, state):
         name = f"step_{state.completed_steps:08d}"
-        final = self.dir / name
         tmp = self.dir / f".tmp-{name}"
         acc = self.accelerator
         try:
             if acc.is_main_process:
-                if tmp.exists():
-                    shutil.rmtree(tmp)
+                delete_tree(tmp)
                 tmp.mkdir(parents=True)
             acc.wait_for_everyone()
-            acc.save_state(str(tmp), safe_serialization=True)  # every process writes its RNG state
+            acc.save_state(str(tmp))  # every process writes its part: its random state, its shards
             acc.wait_for_everyone()
             if acc.is_main_process:
-                files = {f.name: f.stat().st_size for f in tmp.iterdir()}
+                files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in tmp.rglob("*") if f.is_file()}
                 serial = max((m.get("serial", 0) for m, _ in self.complete_checkpoints()), default=0) + 1
                 meta = {"state": asdict(state), "fingerprint": self.fingerprint, "files": files, "serial": serial}
                 write_json(tmp / STATE_FILE, meta)
-                for f in tmp.iterdir():
-                    fsync(f)
+                for f in tmp.rglob("*"):
+                    if f.is_file():
+                        fsync(f)
         except OSError:
             # A full disk or Drive: drop the partial save so the space (and the older,
             # complete checkpoints) stay as they were.
@@ -759,17 +840,11 @@ class Checkpointer:
                 delete_tree(tmp)
             raise
         if acc.is_main_process:
-            if final.exists():  # the same step saved again (at the end of an epoch)
-                old = self.dir / f".old-{name}"
-                final.rename(old)
-                tmp.rename(final)
-                delete_tree(old)
-            else:
-                tmp.rename(final)
+            swap_in(tmp, self.dir / name)  # the same step saved again (at an epoch's end) replaces itself
             self.rotate()
         acc.wait_for_everyone()
         self.last_save_time = time.monotonic()
-        return final
+        return self.dir / name
 
     def rotate(self):
         """Keep the newest --keep_last complete checkpoints."""
@@ -787,6 +862,20 @@ class Checkpointer:
                 f"\n{name} received: saved step {state.completed_steps}. Run the same command again to continue."
             )
             raise SystemExit(128 + self.signal_received)
+
+
+def batch_advice(global_batch, processes, per_device, accumulation):
+    """How to keep a global batch on this many processes."""
+    if global_batch % (processes * per_device) == 0:
+        split = (per_device, global_batch // (processes * per_device))
+    elif global_batch % processes == 0:
+        split = (global_batch // processes, 1)
+    else:
+        return f"{global_batch} examples per step cannot be split over {processes} process(es): use another count"
+    return (
+        f"to keep {global_batch} on {processes} process(es), pass --per_device_train_batch_size {split[0]} "
+        f"--gradient_accumulation_steps {split[1]}"
+    )
 
 
 def write_json(path, obj):
@@ -808,23 +897,38 @@ def delete_tree(path):
     shutil.rmtree(path, ignore_errors=True)
 
 
+def swap_in(tmp, final):
+    """Move a finished folder into place, replacing the old one only once the new one is
+    whole: at every moment one of them is complete."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        final.rename(old)
+        tmp.rename(final)
+        delete_tree(old)
+    else:
+        tmp.rename(final)
+
+
 def export_model(accelerator, model, tokenizer, path):
     """Save a Hugging Face model directory (safetensors + config + tokenizer) that
-    `from_pretrained` and `pipeline` load; swapped in atomically."""
+    `from_pretrained` and `pipeline` load; swapped in atomically.
+
+    Every process takes part: under FSDP or DeepSpeed ZeRO-3 each holds a shard of the
+    weights, and `get_state_dict` gathers the full ones (on the main process)."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    unwrapped = accelerator.unwrap_model(model)
+    try:
+        state_dict = accelerator.get_state_dict(model)
+    except ValueError as err:  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save
+        raise UserError(
+            f"cannot gather the model's weights to export them ({first_line(err)}); set "
+            "stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config (as configs/deepspeed_zero3.yaml)"
+        ) from None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, save_function=accelerator.save)
+        tmp = path.with_name(f".tmp-{path.name}")
+        delete_tree(tmp)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
-        if path.exists():
-            old = path.with_name(f".old-{path.name}")
-            path.rename(old)
-            tmp.rename(path)
-            delete_tree(old)
-        else:
-            tmp.rename(path)
+        swap_in(tmp, path)
     accelerator.wait_for_everyone()
 
 
@@ -873,15 +977,12 @@ class Throughput:
     """Counts tokens on the device (no host sync per step); reports tokens/s over all
     processes when asked, and on a GPU the model FLOPs utilization (MFU)."""
 
-    def __init__(self, accelerator, model=None, seq_len=None):
+    def __init__(self, accelerator, flops_per_token=None):
         self.accelerator = accelerator
         self.tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
         self.start = time.perf_counter()
+        self.flops_per_token = flops_per_token
         peak = peak_flops(accelerator.device, accelerator.mixed_precision)
-        if model is not None and seq_len:
-            self.flops_per_token = flops_per_token(accelerator.unwrap_model(model), seq_len)
-        else:
-            self.flops_per_token = None
         # Peak of all processes together: each process has its own device.
         self.peak = peak * accelerator.num_processes if peak else None
 
@@ -915,11 +1016,11 @@ def flops_per_token(model, seq_len):
     """Training FLOPs per token, as nanoGPT and the PaLM paper count them: 6 per weight
     that takes part in a matrix product (2 forward, 4 backward), plus attention's
     12 x layers x width x sequence length. Embedding lookups are not matrix products;
-    an output layer tied to the embeddings is."""
-    embedding_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    matmul = sum(p.numel() for p in model.parameters() if id(p) not in embedding_ids)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and id(head.weight) in embedding_ids:
+    an output layer tied to the embeddings is. Counted before `prepare`, while every
+    weight is whole (FSDP and ZeRO-3 split them)."""
+    matmul = model.num_parameters(exclude_embeddings=True)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
         matmul += head.weight.numel()
     config = model.config
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)

@@ -167,6 +167,7 @@ def train(args):
         **options,
     )
 
+    flops_per_token = common.flops_per_token(model, block_size)  # counted while the weights are whole
     optimizer = common.make_optimizer(model, args, accelerator.device)
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
@@ -177,12 +178,10 @@ def train(args):
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
 
-    # Settings a resumed run must share with the run that wrote the checkpoint.
-    names = ("model_name_or_path", "train_file", "validation_file", "dataset_name", "dataset_config_name")
-    names += ("max_train_samples", "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
-    fingerprint = {k: getattr(args, k) for k in names}
-    fingerprint.update(block_size=block_size, vocab_size=len(tokenizer), train_blocks=len(train_data))
-    checkpointer = common.Checkpointer(accelerator, output_dir, args, fingerprint)
+    # Resume: reload the newest complete checkpoint, if any.
+    settings = {"block_size": block_size, "vocab_size": len(tokenizer), "train_blocks": len(train_data)}
+    demo_flags = ["prompt", "max_new_tokens", "top_k", "top_p", "temperature", "archive"]
+    checkpointer = common.Checkpointer(accelerator, output_dir, args, settings, demo_flags)
     state = checkpointer.resume()
     best_dir = output_dir / "best"
 
@@ -198,14 +197,10 @@ def train(args):
             "raise --num_train_epochs or --max_train_steps to train further."
         )
     else:
-        accelerator.print(
-            f"Training for {num_epochs} epochs, {total_steps} optimizer steps ({steps_per_epoch} per epoch), "
-            f"on {accelerator.num_processes} process(es), {accelerator.device}, "
-            f"mixed precision: {accelerator.mixed_precision}"
-        )
+        accelerator.print(common.describe_training(accelerator, args, num_epochs, total_steps, steps_per_epoch))
 
     progress_bar = tqdm(total=total_steps, initial=state.completed_steps, disable=not accelerator.is_main_process)
-    throughput = common.Throughput(accelerator, model, block_size)
+    throughput = common.Throughput(accelerator, flops_per_token)
     losses = []
     model.train()
     while not finished():

@@ -106,13 +106,10 @@ def train_tokenizer(texts, args, output_dir):
         special_tokens=SPECIAL_TOKENS,
         show_progress=False,
     )
-    if bpe.get_vocab_size() < args.vocab_size:
-        chars = sum(len(line) for line in texts["text"])
-        words = sum(len(line.split()) for line in texts["text"])
-        raise common.UserError(
-            f"the training text ({chars:,} characters, {words:,} words) is too little for a vocabulary of "
-            f"{args.vocab_size:,} tokens at --min_frequency {args.min_frequency}: it gave {bpe.get_vocab_size():,}; "
-            f"add text, or pass --vocab_size {bpe.get_vocab_size()} or less"
+    if bpe.get_vocab_size() < args.vocab_size:  # a small text has fewer words and merges to learn
+        print(
+            f"note: the training text yields {bpe.get_vocab_size():,} tokens at --min_frequency {args.min_frequency}, "
+            f"fewer than --vocab_size {args.vocab_size:,}: the tokenizer and the model use {bpe.get_vocab_size():,}"
         )
     # <s> text </s> around every sequence, as RoBERTa; truncation at the model's length.
     sep, cls = ("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>"))
@@ -271,6 +268,7 @@ def train(args):
     )
     masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)
 
+    flops_per_token = common.flops_per_token(model, args.max_seq_length)  # counted while the weights are whole
     optimizer = common.make_optimizer(model, args, accelerator.device)
     # The dataloaders stay on the CPU (device_placement False): batches are masked there,
     # then moved to the device.
@@ -283,14 +281,9 @@ def train(args):
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
 
-    names = ("model_name_or_path", "train_file", "validation_file", "dataset_name", "dataset_config_name")
-    names += ("max_train_samples", "vocab_size", "min_frequency", "num_hidden_layers", "num_attention_heads")
-    names += ("hidden_size", "intermediate_size", "max_position_embeddings", "max_seq_length", "line_by_line")
-    names += ("mlm_probability", "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
-    fingerprint = {k: getattr(args, k) for k in names}
-    fingerprint["tokenizer_sha256"] = tokenizer_hash(args, output_dir)
-    fingerprint["train_samples"] = len(train_data)
-    checkpointer = common.Checkpointer(accelerator, output_dir, args, fingerprint)
+    # Resume: reload the newest complete checkpoint, if any.
+    settings = {"tokenizer_sha256": tokenizer_hash(args, output_dir), "train_samples": len(train_data)}
+    checkpointer = common.Checkpointer(accelerator, output_dir, args, settings, ["fill_mask_prompt"])
     state = checkpointer.resume()
     best_dir = output_dir / "best"
 
@@ -306,14 +299,10 @@ def train(args):
             "raise --num_train_epochs or --max_train_steps to train further."
         )
     else:
-        accelerator.print(
-            f"Training for {num_epochs} epochs, {total_steps} optimizer steps ({steps_per_epoch} per epoch), "
-            f"on {accelerator.num_processes} process(es), {accelerator.device}, "
-            f"mixed precision: {accelerator.mixed_precision}"
-        )
+        accelerator.print(common.describe_training(accelerator, args, num_epochs, total_steps, steps_per_epoch))
 
     progress_bar = tqdm(total=total_steps, initial=state.completed_steps, disable=not accelerator.is_main_process)
-    throughput = common.Throughput(accelerator, model, args.max_seq_length)
+    throughput = common.Throughput(accelerator, flops_per_token)
     device = accelerator.device
     losses = []
     model.train()

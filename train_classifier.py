@@ -12,11 +12,12 @@ command continues from the newest checkpoint in --output_dir. The best model
 
 import argparse
 import csv
-from pathlib import Path
+import re
 
 import datasets
 import torch
 import torch.nn.functional as F
+from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -32,11 +33,33 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import common
 
-EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
+EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl")
+
+# Where the text and the label are, by column name: the first layout whose columns are
+# all there wins. GLUE's files as its download script writes them, and GLUE on the hub.
+LAYOUTS = [
+    # text column(s)                label
+    (("sentence1", "sentence2"), "label"),  # MRPC, RTE, WNLI, STS-B on the hub; RTE, WNLI files
+    (("sentence1", "sentence2"), "gold_label"),  # MNLI files (dev_matched.tsv has label1-5 too)
+    (("sentence1", "sentence2"), "score"),  # STS-B files (a float from 0 to 5: regression)
+    (("#1 String", "#2 String"), "Quality"),  # MRPC files
+    (("question1", "question2"), "is_duplicate"),  # QQP files
+    (("question1", "question2"), "label"),  # QQP on the hub
+    (("question", "sentence"), "label"),  # QNLI
+    (("premise", "hypothesis"), "label"),  # MNLI on the hub
+    (("sentence",), "label"),  # SST-2; CoLA on the hub
+    (("text",), "label"),  # the usual CSV
+    (("column4",), "column2"),  # CoLA files: no header row; source, label, original mark, sentence
+]
+ID_NAME = re.compile(r"(.*[\s_#-])?(id|idx|index|guid)", re.IGNORECASE)  # never text
 
 
 def parse_args(argv=None):
     parser = common.build_parser(__doc__.split("\n")[0])
+    parser.add_argument(
+        "--text_columns", nargs="+", help="the text column, or two for sentence pairs (default: found by name)"
+    )
+    parser.add_argument("--label_column", help="the label column (default: found by name)")
     parser.add_argument("--max_seq_length", type=int, default=128, help="truncate longer inputs to this many tokens")
     parser.add_argument(
         "--pad_to_max_length",
@@ -49,7 +72,11 @@ def parse_args(argv=None):
         default=True,
         help="batch examples of similar length together, so little padding is computed (on by default)",
     )
-    parser.add_argument("--metric_for_best_model", default="accuracy", choices=["accuracy", "f1", "loss"])
+    parser.add_argument(
+        "--metric_for_best_model",
+        choices=["accuracy", "f1", "pearsonr", "spearmanr", "loss"],
+        help="picks best/ (default: accuracy; pearsonr for regression)",
+    )
     parser.add_argument(
         "--early_stopping_patience",
         type=int,
@@ -67,6 +94,8 @@ def parse_args(argv=None):
         per_device_train_batch_size=8,
     )
     args = parser.parse_args(argv)
+    if args.text_columns and len(args.text_columns) > 2:
+        parser.error("--text_columns takes one column, or two for sentence pairs")
     return args
 
 
@@ -75,71 +104,120 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------
 
 
-def load_local_file(path):
-    path = Path(path)
-    if path.is_dir():
-        raise common.UserError(f"{path} is a directory, not a file; pass the data file itself")
-    if not path.is_file():
-        raise common.UserError(f"file not found: {path}; check the path given to --train_file/--validation_file")
-    kind = EXTENSIONS.get(path.suffix.lower())
-    if kind is None:
-        raise common.UserError(f"{path}: unsupported extension '{path.suffix}'; use one of {', '.join(EXTENSIONS)}")
-    if path.stat().st_size == 0:
-        raise common.UserError(f"{path} is empty; give it a header line and rows")
-    common.check_utf8(path, "data file")
-    options = {}
-    if path.suffix.lower() == ".tsv":
-        # TSV files (GLUE's among them) have quote characters inside sentences: no quoting.
-        options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+def load_local_file(pattern, flag):
+    """A CSV, TSV or JSON-lines file as a `datasets.Dataset`. CSV and TSV columns are read
+    as text (labels are parsed later, once, from all rows), under the names in the header
+    row, or column1, column2, ... for files without one (GLUE's CoLA)."""
+    files = common.input_files(pattern, flag, EXTENSIONS)
+    kind, options = "json", {}
+    if files[0].lower().endswith((".csv", ".tsv")):
+        kind, options = "csv", table_options(files, flag)
     try:
-        return datasets.load_dataset(kind, data_files=str(path), split="train", **options)
+        return datasets.load_dataset(kind, data_files=files, split="train", **options)
     except Exception as err:
         cause = err.__cause__ or err
         raise common.UserError(
-            f"{path}: rows could not be parsed as {kind.upper()} "
+            f"{pattern}: rows could not be parsed as {kind.upper()} "
             f"({type(cause).__name__}: {common.first_line(cause)}); fix the file"
         ) from None
 
 
-def text_columns(dataset, where):
-    cols = dataset.column_names
-    if "sentence1" in cols and "sentence2" in cols:
-        names = ["sentence1", "sentence2"]
-    elif "text" in cols:
-        names = ["text"]
-    else:
-        raise common.UserError(f"{where}: needs a 'text' column, or 'sentence1' and 'sentence2'; found {cols}")
-    if "label" not in cols:
-        raise common.UserError(f"{where}: needs a 'label' column; found {cols}")
-    return names
+def table_options(files, flag):
+    # TSV files (GLUE's among them) have quote characters inside sentences: no quoting.
+    delimiter, quoting = ("\t", csv.QUOTE_NONE) if files[0].lower().endswith(".tsv") else (",", csv.QUOTE_MINIMAL)
+    firsts = set()
+    for path in files:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: MRPC's files start with a BOM
+            firsts.add(tuple(next(csv.reader(f, delimiter=delimiter, quoting=quoting), [])))
+    if len(firsts) > 1:
+        raise common.UserError(f"{flag} matches files with different first rows; give files with one layout")
+    first = firsts.pop()
+    # A header names columns; a first row with a number in it is data (CoLA has no header).
+    has_header = not any(is_number(value) for value in first)
+    names = [(value.strip() if has_header else "") or f"column{i}" for i, value in enumerate(first, 1)]
+    return {
+        "delimiter": delimiter,
+        "quoting": quoting,
+        "column_names": names,
+        "skiprows": int(has_header),
+        "features": datasets.Features({name: datasets.Value("string") for name in names}),
+        "keep_default_na": False,  # "NA", "null" or "None" in a sentence are words, not missing values
+    }
+
+
+def is_number(value):
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def find_columns(data, args, where):
+    """The text column(s) and the label column: the flags, else the first known layout,
+    else Hugging Face's rule made safer (the one or two columns that hold text)."""
+    found = data.column_names
+    for flag, names in (("--text_columns", args.text_columns or []), ("--label_column", [args.label_column])):
+        missing = [name for name in names if name is not None and name not in found]
+        if missing:
+            raise common.UserError(f"{where}: {flag} {' '.join(missing)}: no such column; the columns are {found}")
+    layout = next(((t, lab) for t, lab in LAYOUTS if all(c in found for c in (*t, lab))), None)
+    label = args.label_column or (layout and layout[1]) or next((lab for _, lab in LAYOUTS if lab in found), None)
+    if label is None:
+        known = " or ".join(dict.fromkeys(repr(lab) for _, lab in LAYOUTS if not lab.startswith("column")))
+        raise common.UserError(f"{where}: no label column ({known}) among {found}; pass --label_column NAME")
+    texts = args.text_columns or (layout and list(layout[0]))
+    if not texts:
+        sample = data.select(range(min(len(data), 100)))
+        texts = [
+            c
+            for c in found
+            if c != label and not ID_NAME.fullmatch(c) and not all(is_number(v) for v in sample[c] if v != "")
+        ]
+        if len(texts) not in (1, 2):
+            raise common.UserError(
+                f"{where}: cannot tell which of {found} hold the text; pass --text_columns NAME [NAME2]"
+                + ("" if args.label_column else f" (and --label_column, '{label}' is used now)")
+            )
+    return list(texts), label
 
 
 def load_data(args):
-    """Train and validation splits with a `label` column, the text columns, and the label names."""
+    """Train and validation splits with the text columns and a `label` column; the names
+    of the text and label columns found; the label names (None for regression: labels
+    with fractions, as STS-B's scores)."""
     if args.train_file:
-        train = load_local_file(args.train_file)
+        train = load_local_file(args.train_file, "--train_file")
+        validation = load_local_file(args.validation_file, "--validation_file") if args.validation_file else None
         where = {"train": args.train_file, "validation": args.validation_file or args.train_file}
-        if args.validation_file:
-            validation = load_local_file(args.validation_file)
-        else:
-            if len(train) < 2:
-                raise common.UserError(
-                    f"{args.train_file} has {len(train)} rows: too few to hold out validation "
-                    "data; add rows or pass --validation_file"
-                )
-            split = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
-            train, validation = split["train"], split["test"]
     else:
-        raw = common.load_hub_dataset(args.dataset_name, args.dataset_config_name)
-        train, validation = raw["train"], raw["validation"]
+        train, validation = common.load_hub_dataset(args.dataset_name, args.dataset_config_name)
         where = {"train": args.dataset_name, "validation": args.dataset_name}
+    if validation is None:
+        if len(train) < 2:
+            raise common.UserError(
+                f"{where['train']} has {len(train)} rows: too few to hold out validation data; "
+                "add rows or pass --validation_file"
+            )
+        split = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+        train, validation = split["train"], split["test"]
 
+    splits = {}
     for split, data in (("train", train), ("validation", validation)):
         if len(data) == 0:
             raise common.UserError(f"{where[split]}: the {split} data is empty; give it some rows")
-    columns = text_columns(train, where["train"])
-    if text_columns(validation, where["validation"]) != columns:
-        raise common.UserError("train and validation data have different text columns; use the same layout")
+        columns, label = find_columns(data, args, where[split])
+        if split == "validation" and (columns, label) != splits["train"][1]:
+            raise common.UserError(
+                f"{where['validation']}: text {columns} and label '{label}' differ from the training data's "
+                f"{splits['train'][1]}; use the same layout"
+            )
+        data = data.select_columns([*columns, label])
+        if label != "label":
+            data = data.rename_column(label, "label")
+        splits[split] = (drop_broken_rows(data, columns, where[split]), (columns, label))
+    train, validation = splits["train"][0], splits["validation"][0]
+    columns, label = splits["train"][1]
 
     if isinstance(train.features["label"], datasets.ClassLabel):  # hub data sets name their labels
         label_names = train.features["label"].names
@@ -150,45 +228,75 @@ def load_data(args):
         train = train.select(range(min(args.max_train_samples, len(train))))
     if args.max_eval_samples:
         validation = validation.select(range(min(args.max_eval_samples, len(validation))))
-    return train, validation, columns, label_names
+    common.main_print(
+        f"Data: {len(train):,} training and {len(validation):,} validation rows; "
+        f"text {' + '.join(repr(c) for c in columns)}, label '{label}'"
+    )
+    return train, validation, columns, label, label_names
+
+
+def drop_broken_rows(data, columns, where):
+    """Rows with neither a label nor all their text are lines cut short (GLUE's QQP files
+    have a few, where a question holds a line break): dropped, and said so. A row with its
+    text but no label is a mistake in the data: refused in encode_labels."""
+    rows = zip(data["label"], *(data[c] for c in columns))
+    broken = [i for i, (label, *texts) in enumerate(rows) if is_blank(label) and any(map(is_blank, texts))]
+    if broken:
+        common.main_print(
+            f"note: {where}: skipped {len(broken)} broken row(s) with neither a label nor all their text "
+            f"(first: data row {broken[0] + 1})"
+        )
+        data = data.select(sorted(set(range(len(data))) - set(broken)))
+    return data
+
+
+def is_blank(value):
+    return value is None or str(value).strip() == ""
 
 
 def encode_labels(train, validation, where):
-    """Map labels (integers or strings) to ids 0..n-1, in sorted order."""
+    """Labels as the model wants them. Numbers with a fraction (STS-B's similarity scores)
+    are a regression target: float32, and None for the label names. Anything else (whole
+    numbers, strings) is classification: ids 0..n-1 in sorted order, the names kept."""
     for split, data in (("train", train), ("validation", validation)):
-        blanks = [i for i, v in enumerate(data["label"]) if v is None or str(v).strip() == ""]
+        blanks = [i for i, v in enumerate(data["label"]) if is_blank(v)]
         if blanks:
             raise common.UserError(
                 f"{where[split]}: {len(blanks)} rows have an empty label (first: data row "
                 f"{blanks[0] + 1}); fill them in or remove those rows"
             )
-    train_values = sorted(set(train["label"]), key=sort_key)
-    unseen = sorted(set(validation["label"]) - set(train_values), key=sort_key)
+    values = set(train["label"]) | set(validation["label"])
+    if all(is_number(v) for v in values):
+        numbers = {v: float(v) for v in values}
+        if any(not x.is_integer() for x in numbers.values()):
+            features = train.features.copy()
+            features["label"] = datasets.Value("float32")
+
+            def to_float(batch):
+                return {"label": [numbers[v] for v in batch["label"]]}
+
+            return (*(d.map(to_float, batched=True, features=features) for d in (train, validation)), None)
+        names = {v: str(int(x)) for v, x in numbers.items()}  # "1", 1 and 1.0 are all the label "1"
+        order = sorted(set(names.values()), key=int)
+    else:
+        names = {v: str(v) for v in values}
+        order = sorted(set(names.values()))
+    unseen = sorted({names[v] for v in validation["label"]} - {names[v] for v in train["label"]})
     if unseen:
         raise common.UserError(
             f"{where['validation']}: labels never seen in training: {unseen[:10]}; "
             "the model can only predict labels that the training data has"
         )
-    if len(train_values) < 2:
-        raise common.UserError(
-            f"{where['train']}: only one label ({train_values[0]!r}); classification needs two or more"
-        )
-    label_names = [str(v) for v in train_values]
-    to_id = {v: i for i, v in enumerate(train_values)}
+    if len(order) < 2:
+        raise common.UserError(f"{where['train']}: only one label ({order[0]!r}); classification needs two or more")
+    to_id = {v: order.index(name) for v, name in names.items()}
 
     def encode(batch):
         return {"label": [to_id[v] for v in batch["label"]]}
 
-    def encode_split(data):
-        features = data.features.copy()
-        features["label"] = datasets.ClassLabel(names=label_names)
-        return data.map(encode, batched=True, features=features)
-
-    return encode_split(train), encode_split(validation), label_names
-
-
-def sort_key(value):
-    return (isinstance(value, str), value)
+    features = train.features.copy()
+    features["label"] = datasets.ClassLabel(names=order)
+    return (*(d.map(encode, batched=True, features=features) for d in (train, validation)), order)
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
@@ -216,7 +324,19 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
 
 def compute_metrics(predictions, references, num_labels):
-    """Accuracy and F1 (binary F1 for two classes, macro F1 for more)."""
+    """Classification: accuracy and F1 (binary F1 for two classes, macro F1 for more).
+    Regression (one output): Pearson and Spearman correlation, what GLUE reports for STS-B."""
+    if num_labels == 1:
+        pearson = common.load_metric(
+            "pearsonr", lambda predictions, references: {"pearsonr": float(pearsonr(references, predictions)[0])}
+        )
+        spearman = common.load_metric(
+            "spearmanr", lambda predictions, references: {"spearmanr": float(spearmanr(references, predictions)[0])}
+        )
+        return {
+            **pearson(predictions=predictions, references=references),
+            **spearman(predictions=predictions, references=references),
+        }
     average = "binary" if num_labels == 2 else "macro"
     accuracy = common.load_metric(
         "accuracy", lambda predictions, references: {"accuracy": float(accuracy_score(references, predictions))}
@@ -237,10 +357,25 @@ def run_evaluation(accelerator, model, eval_dataloader, num_labels):
 
     out = common.evaluate(accelerator, model, eval_dataloader, per_example)
     # Mean over examples, not over batches: a small last batch weighs what it holds.
-    loss = F.cross_entropy(out["logits"], out["labels"]).item()
-    predictions = out["logits"].argmax(dim=-1).tolist()
-    metrics = compute_metrics(predictions, out["labels"].tolist(), num_labels)
-    return {"loss": loss, **metrics}
+    if num_labels == 1:  # regression: the one output is the prediction
+        predictions = out["logits"][:, 0]
+        loss = F.mse_loss(predictions, out["labels"].float()).item()
+    else:
+        loss = F.cross_entropy(out["logits"], out["labels"]).item()
+        predictions = out["logits"].argmax(dim=-1)
+    return {"loss": loss, **compute_metrics(predictions.tolist(), out["labels"].tolist(), num_labels)}
+
+
+def choose_metric(args, num_labels):
+    """--metric_for_best_model, defaulting to accuracy (pearsonr for regression)."""
+    allowed = ["pearsonr", "spearmanr", "loss"] if num_labels == 1 else ["accuracy", "f1", "loss"]
+    metric = args.metric_for_best_model or allowed[0]
+    if metric not in allowed:
+        kind = "regression (float labels)" if num_labels == 1 else "classification"
+        raise common.UserError(
+            f"--metric_for_best_model {metric} does not apply to {kind}; use one of {', '.join(allowed)}"
+        )
+    return metric
 
 
 # ---------------------------------------------------------------------------
@@ -256,7 +391,7 @@ def train(args):
     # Data: tokenize once (batched, cached by `datasets`), pad each batch only to its
     # own longest example (dynamic padding).
     with accelerator.main_process_first():
-        train_data, eval_data, columns, label_names = load_data(args)
+        train_data, eval_data, columns, label_column, label_names = load_data(args)
     tokenizer = common.from_pretrained(AutoTokenizer.from_pretrained, args.model_name_or_path, "tokenizer")
     config = common.from_pretrained(AutoConfig.from_pretrained, args.model_name_or_path, "model configuration")
     max_positions = getattr(config, "max_position_embeddings", None)
@@ -266,20 +401,29 @@ def train(args):
     if tokenizer.pad_token is None:  # GPT-style models have no padding token
         tokenizer.pad_token = tokenizer.eos_token
 
+    num_labels = len(label_names) if label_names else 1  # one output for regression
+    args.metric_for_best_model = choose_metric(args, num_labels)
+
     def tokenize(batch):
-        texts = [batch[c] for c in columns]
-        return tokenizer(*texts, truncation=True, max_length=args.max_seq_length)
+        encoded = tokenizer(*(batch[c] for c in columns), truncation=True, max_length=args.max_seq_length)
+        if encoded.encodings:  # a fast tokenizer keeps what truncation cut off in `overflowing`
+            encoded["truncated"] = [bool(e.overflowing) for e in encoded.encodings]
+        return encoded
 
     with accelerator.main_process_first():
-        keep = ["label"]
-        train_data = train_data.map(
-            tokenize, batched=True, remove_columns=[c for c in train_data.column_names if c not in keep]
+        train_data, eval_tokenized = (
+            data.map(tokenize, batched=True, remove_columns=[c for c in data.column_names if c != "label"])
+            for data in (train_data, eval_data)
         )
-        eval_tokenized = eval_data.map(
-            tokenize, batched=True, remove_columns=[c for c in eval_data.column_names if c not in keep]
-        )
-    train_data = train_data.rename_column("label", "labels")
-    eval_tokenized = eval_tokenized.rename_column("label", "labels")
+    if "truncated" in train_data.column_names:
+        counts = [(sum(d["truncated"]), len(d)) for d in (train_data, eval_tokenized)]
+        if counts[0][0] or counts[1][0]:
+            accelerator.print(
+                f"note: --max_seq_length {args.max_seq_length} truncates {counts[0][0]:,} of {counts[0][1]:,} "
+                f"training ({counts[0][0] / counts[0][1]:.1%}) and {counts[1][0]:,} of {counts[1][1]:,} validation "
+                f"examples ({counts[1][0] / counts[1][1]:.1%}); raise it to keep them whole"
+            )
+        train_data, eval_tokenized = (d.remove_columns("truncated") for d in (train_data, eval_tokenized))
 
     # Multiples of 8 let tensor cores work on GPUs under mixed precision.
     pad_to = 8 if accelerator.mixed_precision != "no" else None
@@ -288,8 +432,9 @@ def train(args):
         collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=args.max_seq_length)
     loader_options = common.loader_options(args, accelerator.device)
     if args.group_by_length and not args.pad_to_max_length:
-        # Sizes are per batch of all processes together: each process gets one of similar lengths.
-        batch_size = args.per_device_train_batch_size * accelerator.num_processes
+        # Grouped by global batch (all processes, all accumulation steps): the same order for
+        # any split of it, so a run can resume on another number of processes.
+        batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         sampler = LengthGroupedSampler([len(ids) for ids in train_data["input_ids"]], batch_size, args.seed)
         shuffle = {"sampler": sampler}
     else:
@@ -306,19 +451,18 @@ def train(args):
         eval_tokenized, collate_fn=collator, batch_size=args.per_device_eval_batch_size, **loader_options
     )
 
-    # Model
-    num_labels = len(label_names)
+    # Model: a new classification head on the pretrained encoder.
+    if label_names:
+        head = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
+    else:
+        head = {"problem_type": "regression"}  # mean-squared error on the one output
     model = common.from_pretrained(
-        lambda name: AutoModelForSequenceClassification.from_pretrained(
-            name,
-            num_labels=num_labels,
-            id2label=dict(enumerate(label_names)),
-            label2id={label: i for i, label in enumerate(label_names)},
-        ),
+        lambda name: AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **head),
         args.model_name_or_path,
     )
     model.config.pad_token_id = tokenizer.pad_token_id
-    accelerator.print(f"{args.model_name_or_path}: {common.params_summary(model)}, {num_labels} labels")
+    task = f"{num_labels} labels" if label_names else "regression"
+    accelerator.print(f"{args.model_name_or_path}: {common.params_summary(model)}, {task}")
 
     if args.eval_only:
         model, eval_dataloader = accelerator.prepare(model, eval_dataloader)
@@ -329,6 +473,7 @@ def train(args):
             common.write_json(output_dir / "eval_results.json", metrics)
         return metrics
 
+    flops_per_token = common.flops_per_token(model, args.max_seq_length)  # counted while the weights are whole
     optimizer = common.make_optimizer(model, args, accelerator.device)
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
@@ -342,23 +487,10 @@ def train(args):
     lr_scheduler = accelerator.prepare(lr_scheduler)  # so checkpoints save and restore it
 
     # Resume: reload the newest complete checkpoint, if any.
-    fingerprint = {
-        k: getattr(args, k)
-        for k in (
-            "model_name_or_path",
-            "train_file",
-            "dataset_name",
-            "dataset_config_name",
-            "max_train_samples",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "seed",
-            "max_seq_length",
-            "group_by_length",
-        )
-    }
-    fingerprint["labels"] = label_names
-    checkpointer = common.Checkpointer(accelerator, output_dir, args, fingerprint)
+    settings = {"columns": [*columns, label_column], "labels": label_names}
+    checkpointer = common.Checkpointer(
+        accelerator, output_dir, args, settings, ["early_stopping_patience", "eval_only"]
+    )
     state = checkpointer.resume()
     greater_is_better = args.metric_for_best_model != "loss"
     best_dir = output_dir / "best"
@@ -375,14 +507,10 @@ def train(args):
             "raise --num_train_epochs or --max_train_steps to train further."
         )
     else:
-        accelerator.print(
-            f"Training {len(train_data)} examples for {num_epochs} epochs, {total_steps} optimizer "
-            f"steps ({steps_per_epoch} per epoch), on {accelerator.num_processes} process(es), "
-            f"{accelerator.device}, mixed precision: {accelerator.mixed_precision}"
-        )
+        accelerator.print(common.describe_training(accelerator, args, num_epochs, total_steps, steps_per_epoch))
 
     progress_bar = tqdm(total=total_steps, initial=state.completed_steps, disable=not accelerator.is_main_process)
-    throughput = common.Throughput(accelerator, model, args.max_seq_length)
+    throughput = common.Throughput(accelerator, flops_per_token)
     losses = []
     model.train()
     while not finished():
@@ -483,16 +611,18 @@ def show_predictions(model_dir, eval_data, columns, device, count=5):
     """The exported model, loaded as users will load it, on a few validation examples."""
     classifier = pipeline("text-classification", model=str(model_dir), device=device)
     rows = eval_data.select(range(min(count, len(eval_data))))
+    inputs = [{"text": r[columns[0]], "text_pair": r[columns[1]]} if len(columns) == 2 else r[columns[0]] for r in rows]
+    regression = classifier.model.config.problem_type == "regression"
     names = classifier.model.config.id2label
-    if len(columns) == 2:
-        inputs = [{"text": r["sentence1"], "text_pair": r["sentence2"]} for r in rows]
-    else:
-        inputs = [r["text"] for r in rows]
     print("\nA few validation examples (predicted / true):")
-    for row, pred in zip(rows, classifier(inputs, truncation=True)):
+    # function_to_apply="none": a regression model's raw output is its prediction.
+    for row, pred in zip(rows, classifier(inputs, truncation=True, function_to_apply="none" if regression else None)):
         text = " ||| ".join(str(row[c]) for c in columns)
         short = text if len(text) <= 90 else text[:87] + "..."
-        print(f"  {pred['label']:>10} / {names[row['label']]:<10} {short}")
+        guess, true = (
+            (f"{pred['score']:.2f}", f"{row['label']:.2f}") if regression else (pred["label"], names[row["label"]])
+        )
+        print(f"  {guess:>10} / {true:<10} {short}")
 
 
 def main(argv=None):

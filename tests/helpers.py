@@ -14,6 +14,7 @@ FILLER = [f"w{i}" for i in range(40)]
 
 def make_tiny_bert(path):
     """A 2-layer BERT with a word-level vocabulary, saved like a hub model."""
+    import torch
     from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "great", "awful", *FILLER]
@@ -26,6 +27,7 @@ def make_tiny_bert(path):
         intermediate_size=64,
         max_position_embeddings=64,
     )
+    torch.manual_seed(0)  # the same "pretrained" weights in every test session
     BertForMaskedLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
@@ -88,3 +90,179 @@ def digest(folder):
         for p in sorted(Path(folder).rglob("*"))
         if p.is_file()
     }
+
+
+# ---------------------------------------------------------------------------
+# GLUE's nine tasks, in the exact shape of their files (as GLUE's download script
+# writes them) and of their hub data sets (nyu-mll/glue), with learnable toy content:
+# the label follows a cue word (good/great vs bad/awful) in the last text column.
+# ---------------------------------------------------------------------------
+
+TWO = ("bad", "good")  # cue word by label, for two classes
+MNLI_LABELS = ("entailment", "neutral", "contradiction")
+MNLI_CUES = {"entailment": "good", "neutral": "great", "contradiction": "bad"}
+
+
+def toy_pair(rng, cue, quote=False):
+    """Two sentences of filler words; the second holds the cue. Some carry the quote
+    characters and words ("NA", "null") that real GLUE sentences have."""
+    first = " ".join(rng.choices(FILLER, k=rng.randint(2, 8)))
+    words = rng.choices(FILLER, k=rng.randint(2, 8))
+    words.insert(rng.randrange(len(words) + 1), cue)
+    if quote:
+        first = f'he said " {first} " , NA'
+    return first, " ".join(words)
+
+
+def glue_file_lines(task, n, seed, dev=False):
+    """The lines of a GLUE task's train.tsv (dev.tsv / dev_matched.tsv with dev=True)."""
+    rng = random.Random(seed)
+    header = {
+        "cola": None,  # CoLA's train and dev files have no header row
+        "sst2": "sentence\tlabel",
+        "mrpc": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+        "qqp": "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+        "qnli": "index\tquestion\tsentence\tlabel",
+        "rte": "index\tsentence1\tsentence2\tlabel",
+        "wnli": "index\tsentence1\tsentence2\tlabel",
+        "mnli": "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+        "sentence2_parse\tsentence1\tsentence2\t"
+        + ("label1\tlabel2\tlabel3\tlabel4\tlabel5\t" if dev else "label1\t")
+        + "gold_label",
+        "stsb": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+    }[task]
+    lines = [header] if header else []
+    for i in range(n):
+        y = rng.randint(0, 1)
+        s1, s2 = toy_pair(rng, rng.choice([TWO[y], ("awful", "great")[y]]), quote=i % 7 == 3)
+        nli = ("not_entailment", "entailment")[y]
+        if task == "cola":
+            fields = ["gj04", str(y), "" if y else "*", s2]
+        elif task == "sst2":
+            fields = [s2 + " ", str(y)]  # SST-2's sentences end with a space
+        elif task == "mrpc":
+            fields = [str(y), str(1000 + 2 * i), str(1001 + 2 * i), s1, s2]
+        elif task == "qqp":
+            fields = [str(i), str(2 * i), str(2 * i + 1), s1 + " ?", s2 + " ?", str(y)]
+        elif task == "qnli":
+            fields = [str(i), s1 + " ?", s2, nli]
+        elif task in ("rte", "wnli"):
+            fields = [str(i), s1, s2, nli if task == "rte" else str(y)]
+        elif task == "mnli":
+            gold = rng.choice(MNLI_LABELS)
+            s1, s2 = toy_pair(rng, MNLI_CUES[gold])
+            votes = [gold] * (5 if dev else 1)
+            fields = [str(i), str(3 * i), f"{3 * i}{gold[0]}", "fiction", f"( {s1} )", f"( {s2} )", "(ROOT)", "(ROOT)"]
+            fields += [s1, s2, *votes, gold]
+        else:  # stsb: a similarity score from 0 to 5
+            score = (3.5 if y else 0.5) + rng.random() * 1.5
+            fields = [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", s1, s2, f"{score:.3f}"]
+        lines.append("\t".join(fields))
+    if task == "qqp" and not dev:
+        # A question with a line break in it: GLUE's QQP has a few such rows, cut in two.
+        lines.insert(5, "9999\t19998\t19999\tWhy does this question")
+        lines.insert(6, "hold a line break ?\tw1 good w2 ?\t1")
+    return lines
+
+
+def write_glue_task(task, folder, n_train=200, n_dev=40):
+    """train.tsv and dev.tsv (MNLI: dev_matched.tsv) of `task` in `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dev_name = "dev_matched.tsv" if task == "mnli" else "dev.tsv"
+    for name, n, seed, dev in (("train.tsv", n_train, 1, False), (dev_name, n_dev, 2, True)):
+        (folder / name).write_text("\n".join(glue_file_lines(task, n, seed, dev)) + "\n", encoding="utf-8")
+    return folder / "train.tsv", folder / dev_name
+
+
+# nyu-mll/glue on the hub: text columns and label names per task (None: a float score).
+GLUE_HUB = {
+    "cola": (["sentence"], ["unacceptable", "acceptable"]),
+    "sst2": (["sentence"], ["negative", "positive"]),
+    "mrpc": (["sentence1", "sentence2"], ["not_equivalent", "equivalent"]),
+    "qqp": (["question1", "question2"], ["not_duplicate", "duplicate"]),
+    "stsb": (["sentence1", "sentence2"], None),
+    "mnli": (["premise", "hypothesis"], list(MNLI_LABELS)),
+    "qnli": (["question", "sentence"], ["entailment", "not_entailment"]),
+    "rte": (["sentence1", "sentence2"], ["entailment", "not_entailment"]),
+    "wnli": (["sentence1", "sentence2"], ["not_entailment", "entailment"]),
+}
+
+
+def glue_hub_dataset(task, n_train=200, n_dev=40):
+    """A DatasetDict with the splits, columns and features of nyu-mll/glue's `task`."""
+    import datasets
+
+    columns, names = GLUE_HUB[task]
+    label = datasets.Value("float32") if names is None else datasets.ClassLabel(names=names)
+    features = datasets.Features({**{c: datasets.Value("string") for c in columns}, "label": label})
+    features["idx"] = datasets.Value("int32")
+    rng = random.Random(task)
+
+    def split(n, test=False):
+        rows = {c: [] for c in features}
+        for i in range(n):
+            y = rng.randint(0, 1 if names is None else len(names) - 1)
+            cue = MNLI_CUES[names[y]] if task == "mnli" else TWO[y]
+            texts = toy_pair(rng, cue)[-len(columns) :]
+            for c, t in zip(columns, texts):
+                rows[c].append(t)
+            value = (3.5 if y else 0.5) + rng.random() * 1.5 if names is None else y
+            rows["label"].append(-1 if test and names else value)
+            rows["idx"].append(i)
+        return datasets.Dataset.from_dict(rows, features=features)
+
+    if task == "mnli":
+        splits = {"train": split(n_train), "validation_matched": split(n_dev), "validation_mismatched": split(n_dev)}
+        splits |= {"test_matched": split(10, True), "test_mismatched": split(10, True)}
+    else:
+        splits = {"train": split(n_train), "validation": split(n_dev), "test": split(10, True)}
+    return datasets.DatasetDict(splits)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(script, *args, nproc=2, nnodes=1, node_rank=0, port=None, wrapper=None):
+    """`torchrun` for CPU processes (gloo): one machine, or node `node_rank` of `nnodes` on localhost."""
+    command = ["torchrun", "--nproc_per_node", str(nproc), "--nnodes", str(nnodes), "--node_rank", str(node_rank)]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(port or free_port())]
+    if wrapper:
+        command.append(str(REPO / "tests" / wrapper))
+    return command + [str(REPO / script), *map(str, args)]
+
+
+def torchrun(script, *args, check=True, **options):
+    proc = subprocess.run(
+        torchrun_command(script, *args, **options),
+        cwd=REPO,
+        env=offline_env(ACCELERATE_USE_CPU="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def without_dropout(model_dir, target):
+    """A copy of a saved model with dropout off: runs that split their batches otherwise,
+    or draw their random numbers on other processes, can then end at the same weights."""
+    import json
+    import shutil
+
+    target = Path(shutil.copytree(model_dir, target))
+    config = json.loads((target / "config.json").read_text())
+    for key in config:
+        if key.endswith(("dropout_prob", "_pdrop", "dropout")):
+            config[key] = 0.0
+    (target / "config.json").write_text(json.dumps(config))
+    return target

@@ -2,9 +2,11 @@
 
 import json
 import random
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -200,6 +202,66 @@ def test_bad_input(trained, text_files, tmp_path, capsys):
             assert word in line, (name, line)
     assert helpers.digest(trained) == before
 
-    # Too little text for the asked vocabulary: say how much text there was.
-    line = run_bad(argv(train, valid, tmp_path / "fresh", "--vocab_size", 5000), capsys)
-    assert "too little for a vocabulary of 5,000" in line and "characters" in line and "--vocab_size" in line
+
+def test_a_small_text_trains_with_the_vocabulary_it_yields(text_files, tmp_path, capsys):
+    """Asked for more tokens than the text has words and merges for: the tokenizer stops
+    where the text does, says so, and the model is sized to it (as the tutorial went on)."""
+    state = pretrain_mlm.main(argv(*text_files, tmp_path / "small", "--vocab_size", 5000, "--max_train_steps", 2))
+    assert state.completed_steps == 2
+    got = len(AutoTokenizer.from_pretrained(tmp_path / "small"))
+    assert 261 < got < 5000
+    assert f"yields {got:,} tokens at --min_frequency 2, fewer than --vocab_size 5,000" in capsys.readouterr().out
+    config = json.loads((tmp_path / "small" / "best" / "config.json").read_text())
+    assert config["vocab_size"] == got
+
+
+WORDS = (
+    "the of and to a in that it was he her his she had you i not with as for be at on my by all but which so "
+    "from they this were what have would no mr been one very there could their them when said an will more "
+    "said elizabeth darcy bennet jane bingley sister mother lady room house time little great good think know"
+).split()
+
+
+def write_book(path, title, chapters, seed):
+    """A short novel as Project Gutenberg prints one: a title block, CHAPTER headings and
+    paragraphs hard-wrapped at 70 columns."""
+    import textwrap
+
+    rng = random.Random(seed)
+    lines = [f"The Project Gutenberg eBook of {title}", "", f"Title: {title}", "", ""]
+    for chapter in range(1, chapters + 1):
+        lines += [f"CHAPTER {chapter}.", ""]
+        for _ in range(6):
+            words = [rng.choice(WORDS[: rng.randint(10, len(WORDS))]) for _ in range(rng.randint(30, 90))]
+            paragraph = " ".join(words).capitalize() + "."
+            lines += textwrap.wrap(paragraph, 70) + [""]
+    path.write_text("\n".join(lines))
+
+
+def test_the_readme_books_example_runs_as_printed(tmp_path):
+    """`python pretrain_mlm.py --train_file "books/*.txt"`, word for word from the README, with
+    every default (the tutorial's 52,000-token vocabulary, 6 x 768 RoBERTa, one epoch), on two
+    short books: the text yields fewer tokens than asked, and the run goes on with them."""
+    readme = (helpers.REPO / "README.md").read_text()
+    command = next(
+        line for line in readme.splitlines() if line.startswith('python pretrain_mlm.py --train_file "books')
+    )
+    args = shlex.split(command.split("#")[0])[2:]
+    (tmp_path / "books").mkdir()
+    write_book(tmp_path / "books" / "novel.txt", "A Novel", chapters=4, seed=1)
+    write_book(tmp_path / "books" / "tales.txt", "Some Tales", chapters=3, seed=2)
+    proc = subprocess.run(
+        [sys.executable, str(helpers.REPO / "pretrain_mlm.py"), *args],
+        cwd=tmp_path,
+        env=helpers.offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fewer than --vocab_size 52,000: the tokenizer and the model use" in proc.stdout
+    out = tmp_path / "outputs" / "pretrain_mlm"
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["vocab_size"] == len(AutoTokenizer.from_pretrained(out)) < 52_000
+    assert (config["num_hidden_layers"], config["hidden_size"]) == (6, 768)
+    assert "Human thinking involves human" in proc.stdout  # the fill-mask demo ran

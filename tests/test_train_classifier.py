@@ -306,7 +306,7 @@ def torchrun(*args):
 def test_two_processes_train_and_evaluate_like_one(tiny_bert, toy_files, tmp_path):
     out = tmp_path / "two"
     proc = torchrun(*argv(tiny_bert, *toy_files, out, "--num_train_epochs", 2, "--gradient_accumulation_steps", 3))
-    assert "on 2 process(es)" in proc.stdout
+    assert "x 2 process(es)" in proc.stdout
     # 400 rows / (16 per process x 2 processes) = 13 batches per process -> ceil(13 / 3) = 5 steps per epoch.
     state = newest_state(out)
     assert state["completed_steps"] == 10
@@ -343,7 +343,7 @@ def bad_input(tmp_path, toy_files):
         "missing file": (d / "nope.csv", dev, ["not found", "nope.csv"]),
         "directory": (d, dev, ["not a file"]),
         "extension": (write("train.xlsx", "x"), dev, ["unsupported extension", ".xlsx"]),
-        "columns": (write("cols.csv", "sentence,target\na,b\nc,d\n"), dev, ["'text'", "sentence", "target"]),
+        "columns": (write("cols.csv", "sentence,target\na,b\nc,d\n"), dev, ["--label_column", "sentence", "target"]),
         "no label": (write("nolabel.csv", "text,y\na,b\n"), dev, ["'label'"]),
         "empty": (write("empty.csv", "text,label\n"), dev, ["empty"]),
         "unseen labels": (
