@@ -1,0 +1,39 @@
+"""Run a script under Accelerate's FSDP2 on CPU processes (gloo), the stand-in here for
+`accelerate launch --config_file configs/fsdp.yaml script.py` on GPUs:
+
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/fsdp_on_cpu.py finetune_gpt2.py ...
+
+Accelerate turns FSDP on only for GPUs. Here its state is switched to FSDP right after
+the script makes its Accelerator, so Accelerate's own FSDP2 code runs: `fully_shard` at
+`prepare`, sharded `save_state` / `load_state` (sub-folders of .distcp files), and
+`get_state_dict` gathering the full weights for the export."""
+
+import runpy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from accelerate.state import AcceleratorState, PartialState  # noqa: E402
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin  # noqa: E402
+
+import common  # noqa: E402
+
+make_accelerator = common.make_accelerator
+
+
+def make_fsdp_accelerator(args, output_dir):
+    accelerator = make_accelerator(args, output_dir)
+    AcceleratorState().fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        state_dict_type="SHARDED_STATE_DICT",
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["GPT2Block"],
+    )
+    PartialState().distributed_type = DistributedType.FSDP
+    return accelerator
+
+
+common.make_accelerator = make_fsdp_accelerator
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
