@@ -1,16 +1,11 @@
 """What the three training scripts share, written once.
 
-Read a script first (train_classifier.py is the shortest): it shows the training
-loop. This module holds what sits around every loop and is the same in each:
-
-- the command-line flags they all take (named as in Hugging Face's examples),
-- where outputs go (a local folder, or Google Drive inside Colab),
-- the Accelerator: device, mixed precision, processes, gradient accumulation,
-- checkpoints: atomic saves, automatic exact resume, rotation, signals,
-- the evaluation loop, metrics, throughput and logging,
-- clear one-line errors for bad input.
-
-Nothing here knows about a particular script's model or data.
+Read a script first (train_classifier.py): its loop is the lesson. This module holds
+what surrounds every loop the same way: the flags, where outputs go (Google Drive in
+Colab), the Accelerator, data files, checkpoints with exact resume, the bookkeeping of
+a run (`Run`: progress, logging, saving, evaluating, keeping the best model), the
+evaluation loop and throughput, and one-line errors for bad input. Nothing here knows
+a script's model or data.
 """
 
 import argparse
@@ -36,6 +31,9 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from accelerate.utils import load as accelerate_load
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 # Colab mounts Google Drive here; outputs default to a folder inside it.
 DRIVE_MOUNT = "/content/drive"
@@ -45,7 +43,6 @@ DRIVE_FOLDER = "lm-training"
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete
 LOCK_FILE = ".lock"  # in --output_dir while a run uses it
-
 
 # ---------------------------------------------------------------------------
 # User errors: one line, exit code 2, no traceback.
@@ -60,11 +57,12 @@ class UserError(Exception):
 STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
-def run(train_fn, args):
-    """Call train_fn(args); turn a UserError (or a full or unwritable disk) into one line
-    on stderr and exit code 2. The output folder's lock is released however it ends."""
+def run(train_fn, parse_args, argv=None):
+    """train_fn(parse_args(argv)), with a UserError (or a full or unwritable disk) turned
+    into one line on stderr and exit code 2. The output folder's lock and the signal
+    handlers are given back however it ends (a notebook keeps its own Ctrl-C afterwards)."""
     try:
-        return train_fn(args)
+        return train_fn(parse_args(argv))
     except UserError as err:
         user_error(str(err))
     except OSError as err:
@@ -76,18 +74,20 @@ def run(train_fn, args):
         )
     finally:
         OutputLock.release_held()
-        restore_signal_handlers()
+        StopSignals.restore()
 
 
-# What SIGTERM and SIGINT did before a run caught them, to give back when it ends: a
-# notebook that calls main() keeps its own Ctrl-C ("interrupt the kernel") afterwards.
-PREVIOUS_SIGNAL_HANDLERS = {}
+def user_error(message):
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()  # so the message starts on a line of its own
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
-def restore_signal_handlers():
-    while PREVIOUS_SIGNAL_HANDLERS:
-        sig, handler = PREVIOUS_SIGNAL_HANDLERS.popitem()
-        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+def first_line(err, limit=200):
+    """An exception's message as one short line; its type when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
 
 
 def main_print(*args):
@@ -95,106 +95,69 @@ def main_print(*args):
     PartialState().print(*args)
 
 
-def user_error(message):
-    from tqdm.auto import tqdm
-
-    for bar in list(getattr(tqdm, "_instances", [])):
-        bar.close()  # so the message starts on a line of its own
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2) from None
-
-
 # ---------------------------------------------------------------------------
-# Flags every script takes.
+# Flags every script takes (names as in Hugging Face's examples).
 # ---------------------------------------------------------------------------
 
 
-def build_parser(description):
-    """The shared flags. Each script adds its own and sets its defaults."""
-    p = argparse.ArgumentParser(description=description)
+def build_parser(description, **defaults):
+    """The shared flags, with each script's `defaults`; the script adds its own flags."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--model_name_or_path", help="hub name or local directory of the model to start from")
-    a("--dataset_name", help="hub data set (used when no --train_file is given)")
+    a("--model_name_or_path", help="hub name or local folder of the model to start from")
+    a("--dataset_name", help="hub data set, or a folder saved with save_to_disk (when no --train_file)")
     a("--dataset_config_name", help="configuration of --dataset_name")
-    a("--train_file", help="local training file")
-    a("--validation_file", help="local validation file")
-    a(
-        "--validation_split_percentage",
-        type=int,
-        default=10,
-        help="with no validation file: percent of the training data held out",
-    )
-    a(
-        "--output_dir",
-        help="where checkpoints and the model go "
-        f"(default: outputs/<script>, or {DRIVE_ROOT}/{DRIVE_FOLDER}/<script> in Colab with Drive)",
-    )
-    a("--drive", action="store_true", help="Colab: put outputs on Google Drive (mounting it if needed)")
-    a("--per_device_train_batch_size", type=int, default=8)
-    a("--per_device_eval_batch_size", type=int, default=32)
-    a("--learning_rate", type=float, default=5e-5)
-    a("--weight_decay", type=float, default=0.0)
+    a("--train_file", help="local training data")
+    a("--validation_file", help="local validation data")
+    a("--validation_split_percentage", type=int, default=10, help="held out when there is no validation data")
+    a("--max_train_samples", type=int, help="use only this many training samples (quick runs)")
+    a("--max_eval_samples", type=int, help="use only this many validation samples (quick runs)")
+    a("--output_dir", help=f"checkpoints and the model (default: outputs/<script>, in Colab {DRIVE_ROOT}/...)")
+    a("--drive", action="store_true", help="Colab: put the outputs on Google Drive")
+    a("--per_device_train_batch_size", type=int, default=8, help="batch size per GPU or process")
+    a("--per_device_eval_batch_size", type=int, default=32, help="evaluation batch size per GPU or process")
+    a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    a("--learning_rate", type=float, default=5e-5, help="AdamW's peak learning rate")
+    a("--weight_decay", type=float, default=0.0, help="AdamW's decay (never on biases and norms)")
     a("--max_grad_norm", type=float, default=1.0, help="clip gradients to this norm (0: off)")
-    a("--num_train_epochs", type=int, default=3)
-    a("--max_train_steps", type=int, help="total optimizer steps; overrides --num_train_epochs")
-    a("--gradient_accumulation_steps", type=int, default=1)
-    a(
-        "--lr_scheduler_type",
-        default="linear",
-        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
-    )
+    schedules = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+    a("--lr_scheduler_type", default="linear", choices=schedules, help="how the learning rate changes")
     a("--num_warmup_steps", type=int, default=0, help="warmup, in optimizer steps")
-    a("--seed", type=int, default=42)
-    a(
-        "--mixed_precision",
-        default="auto",
-        choices=["auto", "no", "fp16", "bf16"],
-        help="auto: bf16 where supported, fp16 on older GPUs (T4), none on CPU",
-    )
+    a("--num_train_epochs", type=int, default=3, help="epochs to train")
+    a("--max_train_steps", type=int, help="optimizer steps to train; overrides --num_train_epochs")
+    a("--early_stopping_patience", type=int, default=0, help="stop after N evaluations without improvement (0: never)")
+    a("--seed", type=int, default=42, help="model initialization, data order, dropout")
+    a("--mixed_precision", default="auto", choices=["auto", "no", "fp16", "bf16"], help="auto: bf16, fp16 on a T4")
+    a("--torch_compile", action="store_true", help="compile the model (pays off on GPUs, fixed shapes, long runs)")
+    a("--dataloader_num_workers", type=int, help="processes preparing batches (default: 2 on a GPU, 0 on CPU)")
     a("--checkpointing_steps", type=int, default=0, help="also save every N optimizer steps (0: off)")
     a("--save_every_minutes", type=float, default=10.0, help="also save every N minutes (0: off)")
-    a("--keep_last", type=int, default=2, help="how many checkpoints to keep")
-    a("--resume_from_checkpoint", help="resume from this checkpoint instead of the newest one")
+    a("--keep_last", type=int, default=2, help="checkpoints to keep")
+    a("--resume_from_checkpoint", help="resume from this checkpoint folder instead of the newest")
     a("--no_resume", action="store_true", help="start fresh, deleting the checkpoints in --output_dir")
     a("--logging_steps", type=int, default=10, help="log the training loss every N optimizer steps")
     a("--report_to", default="none", help="tensorboard, wandb, ... or all (Accelerate's trackers)")
-    a(
-        "--torch_compile",
-        action="store_true",
-        help="compile the model with torch.compile (pays off on GPUs with fixed shapes: the LM scripts' packed blocks)",
-    )
-    a(
-        "--dataloader_num_workers",
-        type=int,
-        help="processes preparing batches (default: 2 on a GPU, so the GPU never waits; 0 on CPU)",
-    )
-    a("--max_train_samples", type=int, help="truncate the training set (quick runs)")
-    a("--max_eval_samples", type=int, help="truncate the validation set (quick runs)")
+    p.set_defaults(**defaults)
     return p
 
 
 def check_args(args):
     """Settings that can never work get one clear line before anything is touched."""
-    positive = [
-        "per_device_train_batch_size",
-        "per_device_eval_batch_size",
-        "gradient_accumulation_steps",
+    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"]
+    positive += [
         "keep_last",
         "logging_steps",
+        "num_train_epochs" if args.max_train_steps is None else "max_train_steps",
     ]
     for name in positive:
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
-    if args.max_train_steps is None and args.num_train_epochs < 1:
-        raise UserError(f"--num_train_epochs must be at least 1 (got {args.num_train_epochs})")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise UserError(f"--max_train_steps must be at least 1 (got {args.max_train_steps})")
     if not 0 < args.validation_split_percentage < 100:
         raise UserError("--validation_split_percentage must be between 1 and 99")
 
 
 # ---------------------------------------------------------------------------
-# Where outputs go: a local folder, or Google Drive in Colab.
+# Where outputs go, and one run per output folder.
 # ---------------------------------------------------------------------------
 
 
@@ -202,27 +165,20 @@ def in_colab():
     return "COLAB_RELEASE_TAG" in os.environ or "google.colab" in sys.modules
 
 
-def mount_drive():
-    """Make sure Google Drive is mounted; only Colab can do that."""
-    if os.path.isdir(DRIVE_ROOT):
-        return
-    if not in_colab():
-        raise UserError("--drive works only inside Google Colab; drop it, or pass --output_dir")
-    try:
-        from google.colab import drive
-
-        drive.mount(DRIVE_MOUNT)
-    except Exception:  # a `!python` subprocess cannot ask for Drive permission
-        raise UserError(
-            "Google Drive is not mounted: run `from google.colab import drive; "
-            f"drive.mount('{DRIVE_MOUNT}')` in a notebook cell, then this command again"
-        ) from None
-
-
 def resolve_output_dir(args, script_name):
     """--output_dir, else a folder on Drive when in Colab with Drive mounted, else ./outputs."""
-    if args.drive:
-        mount_drive()
+    if args.drive and not os.path.isdir(DRIVE_ROOT):
+        if not in_colab():
+            raise UserError("--drive works only inside Google Colab; drop it, or pass --output_dir")
+        try:
+            from google.colab import drive
+
+            drive.mount(DRIVE_MOUNT)
+        except Exception:  # a `!python` subprocess cannot ask for Drive permission
+            raise UserError(
+                "Google Drive is not mounted: run `from google.colab import drive; "
+                f"drive.mount('{DRIVE_MOUNT}')` in a notebook cell, then this command again"
+            ) from None
     if args.output_dir:
         return Path(args.output_dir)
     if args.drive or (in_colab() and os.path.isdir(DRIVE_ROOT)):
@@ -231,17 +187,13 @@ def resolve_output_dir(args, script_name):
 
 
 class OutputLock:
-    """One run per output folder. Two runs writing checkpoints into the same folder
-    would wreck each other's, so the second one refuses to start.
+    """One run per output folder: two runs writing checkpoints into one folder would wreck
+    each other's. The lock file names the host and process holding it and is touched every
+    HEARTBEAT seconds. A run killed with SIGKILL (or a vanished Colab runtime) cannot remove
+    it, so it is taken over when its process is gone (same machine) or its heartbeat is
+    older than STALE seconds (another machine, such as an earlier runtime on the same Drive)."""
 
-    The lock is a file naming the host and process that holds it, touched every
-    HEARTBEAT seconds while the run lives. A run killed with SIGKILL (or a Colab
-    runtime that vanished) cannot remove it, so a lock is taken over when its process
-    is gone (same machine) or its heartbeat is older than STALE seconds (another
-    machine, e.g. an earlier Colab runtime writing to the same Drive folder)."""
-
-    HEARTBEAT = 20
-    STALE = 120
+    HEARTBEAT, STALE = 20, 120
     held = None
 
     def __init__(self, output_dir):
@@ -268,26 +220,24 @@ class OutputLock:
                 ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(self.me, f)
-            break
-        else:
-            raise UserError(f"could not lock {self.path}; another run keeps taking it, or remove the file")
-        OutputLock.held = self
-        threading.Thread(target=self.heartbeat, daemon=True).start()
-        atexit.register(OutputLock.release_held)
+            OutputLock.held = self
+            threading.Thread(target=self.heartbeat, daemon=True).start()
+            atexit.register(OutputLock.release_held)
+            return
+        raise UserError(f"could not lock {self.path}; another run keeps taking it, or remove the file")
 
     def check_holder(self):
         """The lock exists: refuse if its run is alive, else remove it (taken over next try)."""
         try:
-            holder = json.loads(self.path.read_text())
             age = time.time() - self.path.stat().st_mtime
+            holder = json.loads(self.path.read_text())
         except FileNotFoundError:
             return  # released meanwhile
         except (OSError, ValueError):
-            holder, age = {}, time.time() - self.path.stat().st_mtime  # being written, or garbage
-        same_host = holder.get("host") == self.me["host"]
+            holder = {}  # being written, or garbage
         if holder == self.me:
             alive = False  # our own, left by an earlier call in this process
-        elif same_host:
+        elif holder.get("host") == self.me["host"]:
             alive = age < self.STALE and process_exists(holder.get("pid"))
         else:
             alive = age < self.STALE
@@ -325,31 +275,17 @@ def process_exists(pid):
     except ProcessLookupError:
         return False
     except (PermissionError, TypeError, ValueError):
-        return True  # exists but belongs to someone else, or unknown: assume alive
+        return True  # someone else's, or unknown: assume alive
     return True
 
 
-def lock_output_dir(accelerator, output_dir):
-    """The main process takes the output folder's lock; every process stops if it cannot."""
-    error = [None]
-    if accelerator.is_main_process:
-        try:
-            OutputLock(output_dir).acquire()
-        except UserError as err:
-            error = [str(err)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(error)
-    if error[0] is not None:
-        if accelerator.is_main_process:
-            raise UserError(error[0])
-        raise SystemExit(2)
-
-
 # ---------------------------------------------------------------------------
-# Plain-text data (the language-model scripts).
+# Data files and data sets.
 # ---------------------------------------------------------------------------
 
 TEXT_EXTENSIONS = (".txt", ".raw", ".text")
+# Where a hub data set keeps its validation data (MNLI: validation_matched).
+VALIDATION_SPLITS = ("validation", "validation_matched", "valid", "dev")
 
 
 def input_files(pattern, flag, extensions):
@@ -391,16 +327,9 @@ def check_utf8(path, flag):
             offset += len(chunk)
 
 
-def first_line(err, limit=200):
-    """An exception's message as one short line for a one-line error; its type when the
-    message is empty (some loaders raise bare exceptions)."""
-    text = str(err).strip()
-    return text.splitlines()[0][:limit] if text else type(err).__name__
-
-
 def from_pretrained(loader, name, what="model"):
     """`loader(name)` (an AutoModel/AutoTokenizer `from_pretrained`), with one clear line
-    when `name` is neither a model directory nor a hub name that can be reached."""
+    when `name` is neither a model folder nor a hub name that can be reached."""
     try:
         return loader(name)
     except (OSError, ValueError, KeyError) as err:
@@ -410,19 +339,13 @@ def from_pretrained(loader, name, what="model"):
         ) from None
 
 
-# Where a hub data set keeps its validation data (MNLI: validation_matched).
-VALIDATION_SPLITS = ("validation", "validation_matched", "valid", "dev")
-
-
 def load_hub_dataset(name, config_name=None):
-    """The train split and the validation split (None if the set has none) of
-    `datasets.load_dataset(name, config_name)` (or of a folder saved with `save_to_disk`),
-    with one clear line when the hub cannot be reached or has no such data set (offline,
-    a typo, a missing config name)."""
+    """The train split and the validation split (None if there is none) of a hub data set
+    or of a folder saved with `save_to_disk`; one clear line when it cannot be had."""
     import datasets
 
     try:
-        if (Path(name) / "dataset_dict.json").exists():  # a folder written by DatasetDict.save_to_disk
+        if (Path(name) / "dataset_dict.json").exists():
             raw = datasets.load_from_disk(name)
         else:
             raw = datasets.load_dataset(name, config_name)
@@ -437,11 +360,11 @@ def load_hub_dataset(name, config_name=None):
 
 
 def load_text_data(args, keep_linebreaks=True):
-    """Train and validation `datasets.Dataset`s with one `text` row per line of text:
-    local files (--train_file, globs allowed), or a hub data set (--dataset_name).
-
-    keep_linebreaks leaves the "\n" at the end of each line, as hub text sets such as
-    WikiText have it, so a packed token stream keeps the text's line structure."""
+    """Train and validation `datasets.Dataset`s with one `text` row per line: local files
+    (--train_file, globs allowed) or a hub data set. keep_linebreaks leaves the "\\n" at
+    each line's end, as hub text sets such as WikiText have it, so packed text keeps its
+    lines. Without validation text, the last --validation_split_percentage of the lines
+    are held out (contiguous: held-out text is not interleaved with training text)."""
     import datasets
 
     def load_files(pattern, flag):
@@ -451,164 +374,158 @@ def load_text_data(args, keep_linebreaks=True):
     if args.train_file:
         train = load_files(args.train_file, "--train_file")
         validation = load_files(args.validation_file, "--validation_file") if args.validation_file else None
-        names = {"train": args.train_file, "validation": args.validation_file or args.train_file}
     else:
         train, validation = load_hub_dataset(args.dataset_name, args.dataset_config_name)
-        names = {"train": args.dataset_name, "validation": args.dataset_name}
     if validation is None:
-        train, validation = split_off_validation(train, args)
-    for split, data in (("train", train), ("validation", validation)):
+        if len(train) < 2:
+            raise UserError("the training text has fewer than 2 lines: too little to hold out validation text")
+        n = len(train) - max(1, len(train) * args.validation_split_percentage // 100)
+        train, validation = train.select(range(n)), train.select(range(n, len(train)))
+    for split, data, source in (("train", train, args.train_file), ("validation", validation, args.validation_file)):
         if not any(line.strip() for line in data["text"]):
-            raise UserError(f"{names[split]}: the {split} text is empty; give it some text")
-    if args.max_train_samples:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    if args.max_eval_samples:
-        validation = validation.select(range(min(args.max_eval_samples, len(validation))))
-    return train, validation
+            raise UserError(f"{source or args.train_file or args.dataset_name}: the {split} text is empty; add text")
+    return first_n(train, args.max_train_samples), first_n(validation, args.max_eval_samples)
 
 
-def split_off_validation(train, args):
-    """Hold out the last --validation_split_percentage of the lines (contiguous, so held-out
-    text is not interleaved with training text)."""
-    n_val = max(1, len(train) * args.validation_split_percentage // 100)
-    if len(train) < 2:
-        raise UserError(
-            "the training text has fewer than 2 lines: too little to hold out validation text; "
-            "add text or pass --validation_file"
-        )
-    return train.select(range(len(train) - n_val)), train.select(range(len(train) - n_val, len(train)))
+def first_n(data, count):
+    """The first `count` rows of a data set (--max_train_samples, --max_eval_samples), or all."""
+    return data.select(range(min(count, len(data)))) if count else data
 
 
 def group_texts(examples, block_size):
-    """For `Dataset.map(batched=True)`: concatenate the token lists of a batch of lines and
-    cut them into blocks of exactly `block_size` tokens, so no compute goes to padding.
-    The tail that does not fill a block is dropped, once per map batch: map with
-    batch_size=None to lose only the final partial block of the whole text.
-    """
+    """For `Dataset.map(batched=True)`: concatenate a batch of token lists and cut it into
+    blocks of exactly `block_size` tokens, so no compute goes to padding. The tail that
+    does not fill a block is dropped; map with batch_size=None to drop only the last one."""
     concatenated = {k: [t for seq in examples[k] for t in seq] for k in examples}
     total = (len(next(iter(concatenated.values()))) // block_size) * block_size
     return {k: [seq[i : i + block_size] for i in range(0, total, block_size)] for k, seq in concatenated.items()}
 
 
+def make_dataloaders(args, accelerator, train_data, eval_data, collate_fn, sampler=None):
+    """The training DataLoader (shuffled, or in `sampler`'s order) and the evaluation one.
+    Shuffling draws from a generator of its own, never from the global random state
+    (dropout's, which checkpoints restore). On a GPU, worker processes build batches ahead
+    and pinned memory makes the copy to the GPU asynchronous."""
+    workers = args.dataloader_num_workers
+    if workers is None:
+        workers = 2 if accelerator.device.type == "cuda" else 0
+    options = {"collate_fn": collate_fn, "num_workers": workers, "persistent_workers": workers > 0}
+    options["pin_memory"] = accelerator.device.type == "cuda"
+    order = {"sampler": sampler} if sampler else {"shuffle": True}
+    generator = torch.Generator().manual_seed(args.seed)
+    train = DataLoader(train_data, batch_size=args.per_device_train_batch_size, generator=generator, **order, **options)
+    return train, DataLoader(eval_data, batch_size=args.per_device_eval_batch_size, **options)
+
+
 # ---------------------------------------------------------------------------
-# Device, precision, processes.
+# Device, precision, processes; optimizer and schedule.
 # ---------------------------------------------------------------------------
 
 
-def choose_mixed_precision(requested):
-    """bf16 where the hardware has it, fp16 (with loss scaling) on older GPUs such as
-    Colab's T4, full precision on CPU. An explicit flag, or `accelerate launch
-    --mixed_precision`, wins."""
-    if requested != "auto":
-        return requested
-    launched_with = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launched_with != "no":
-        return launched_with
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
-def make_accelerator(args, output_dir):
+def setup(args, script_name):
+    """Check the flags, settle the output folder (args.output_dir: Drive in Colab), start
+    the Accelerator (device, precision, processes), lock the folder, seed, start trackers."""
+    check_args(args)
+    output_dir = resolve_output_dir(args, script_name)
+    args.output_dir = str(output_dir)
     if torch.cuda.is_available():
         # TF32 matmuls: ~free speed on Ampere and newer, precision loss irrelevant for training.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    report_to = None if args.report_to == "none" else args.report_to
-    # Accelerate keeps its settings (precision, compilation, accumulation) in process-wide
-    # state that the first Accelerator fixes. A second run in the same Python process (a
-    # notebook calling main() twice) would silently keep the first run's: clear them.
-    # The process group and device (PartialState) stay.
+    # Accelerate keeps its settings in process-wide state that the first Accelerator fixes:
+    # a second run in one Python process (a notebook calling main() twice) would keep the
+    # first run's precision and compilation. Clear them; the process group stays.
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=choose_mixed_precision(args.mixed_precision),
         # torch.compile at prepare(): fuses kernels; the first steps are slow while it compiles.
-        dynamo_backend="inductor" if getattr(args, "torch_compile", False) else "no",
+        dynamo_backend="inductor" if args.torch_compile else "no",
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=report_to,
+        log_with=None if args.report_to == "none" else args.report_to,
         project_dir=str(output_dir),
-        # We step the scheduler ourselves, once per optimizer step. Left to Accelerate,
-        # a prepared scheduler steps once per process, so warmup and decay would be
-        # counted in the wrong unit on several GPUs.
+        # We step the scheduler once per optimizer step. Left to Accelerate, a prepared
+        # scheduler steps once per process, so warmup and decay would be counted in the
+        # wrong unit on several GPUs.
         step_scheduler_with_optimizer=False,
-        # The shuffle order of epoch e depends only on (seed, e): a resumed run sees
-        # exactly the batches the interrupted one would have seen.
+        # Each epoch's order depends only on (seed, epoch): a resumed run sees the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and accelerator.num_processes == 1:
-        # torchrun on a machine without GPUs: each process would train alone, all
-        # writing the same files.
+    if world_size > 1 and accelerator.num_processes == 1:  # torchrun without GPUs: each would train alone
         raise UserError(
             f"{world_size} processes were launched but each runs alone; on CPU set "
             "ACCELERATE_USE_CPU=1 (or use `accelerate launch --cpu`)"
         )
     lock_output_dir(accelerator, output_dir)
     set_seed(args.seed)
+    if args.report_to != "none":
+        accelerator.init_trackers(script_name, config=vars(args))
     return accelerator
 
 
-def data_generator(seed):
-    """Give each DataLoader its own generator, so iterating one never draws from the
-    global RNG (which dropout uses, and which checkpoints restore)."""
-    return torch.Generator().manual_seed(seed)
+def choose_mixed_precision(requested):
+    """bf16 where the hardware has it, fp16 (with loss scaling) on older GPUs such as
+    Colab's T4, full precision on CPU. The flag, or `accelerate launch --mixed_precision`, wins."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        return os.environ["ACCELERATE_MIXED_PRECISION"]
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
 
 
-def loader_options(args, device):
-    """DataLoader options: on a GPU, worker processes build batches ahead and pinned
-    memory makes the copy to the GPU asynchronous."""
-    workers = args.dataloader_num_workers
-    if workers is None:
-        workers = 2 if device.type == "cuda" else 0
-    return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
+def lock_output_dir(accelerator, output_dir):
+    """The main process of the whole job takes the folder's lock; every process stops if it cannot."""
+    error = [None]
+    if accelerator.is_main_process:
+        try:
+            OutputLock(output_dir).acquire()
+        except UserError as err:
+            error = [str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error)
+    if error[0] is not None:
+        if accelerator.is_main_process:
+            raise UserError(error[0])
+        raise SystemExit(2)
 
 
 def make_optimizer(model, args, device):
-    """AdamW without weight decay on biases and normalisation weights (the 1-D tensors)."""
+    """AdamW without weight decay on biases and normalization weights (the 1-D tensors);
+    fused on a GPU: one kernel for all parameters instead of one per tensor."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    fused = device.type == "cuda"  # one kernel for all parameters instead of one per tensor
-    return torch.optim.AdamW(groups, lr=args.learning_rate, fused=fused)
+    return torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
 
 
-def describe_training(accelerator, args, num_epochs, total_steps, steps_per_epoch):
-    """The line a run starts with: its length, its global batch, where it runs."""
-    per_device, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    processes = accelerator.num_processes
-    return (
-        f"Training for {num_epochs} epochs, {total_steps} optimizer steps ({steps_per_epoch} per epoch), "
-        f"global batch {per_device * accumulation * processes} ({per_device} per device x {accumulation} "
-        f"accumulated x {processes} process(es)), {accelerator.device}, mixed precision: {accelerator.mixed_precision}"
-    )
+def make_scheduler(accelerator, optimizer, args, batches_per_epoch):
+    """The learning-rate schedule, counted in optimizer steps; prepared, so checkpoints hold it."""
+    total_steps = training_steps(batches_per_epoch, args)[1]
+    return accelerator.prepare(get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps))
 
 
 def training_steps(batches_per_epoch, args):
     """Optimizer steps per epoch, in total, and the number of epochs that takes.
-
-    `batches_per_epoch` is per process (len of the prepared dataloader). A partial
+    `batches_per_epoch` is per process (the prepared dataloader's length); a partial
     accumulation at the end of an epoch still makes an optimizer step."""
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    if args.max_train_steps:
-        total_steps = args.max_train_steps
-    else:
-        total_steps = args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    return steps_per_epoch, total_steps, num_epochs
+    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
 
 
 # ---------------------------------------------------------------------------
-# Training state and checkpoints.
+# Checkpoints: what a run has done, saved atomically, resumed exactly.
 # ---------------------------------------------------------------------------
 
 
 @dataclass
 class TrainingState:
-    """Where training stands. Saved inside every checkpoint, so progress never has to
-    be guessed from folder names."""
+    """Where training stands, saved in every checkpoint (never guessed from folder names)."""
 
     epoch: int = 0  # epochs completed
     batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on (per process)
@@ -620,204 +537,85 @@ class TrainingState:
     log_history: list = field(default_factory=list)
 
 
-# Flags that may change when a run resumes: they set how long it trains and how it saves,
-# logs and runs, not what it learns. Every other flag must match the checkpoint's (each
-# script adds its own harmless ones, such as the demo's prompt).
-MAY_CHANGE_ON_RESUME = (
-    "num_train_epochs",
-    "max_train_steps",
-    "output_dir",
-    "drive",
-    "resume_from_checkpoint",
-    "no_resume",
-    "checkpointing_steps",
-    "save_every_minutes",
-    "keep_last",
-    "logging_steps",
-    "report_to",
-    "per_device_eval_batch_size",
-    "mixed_precision",
-    "torch_compile",
-    "dataloader_num_workers",
-)
+# Flags that may change when a run resumes: how long it trains, how it saves, logs and
+# runs, not what it learns. Every other flag must match the checkpoint's (each script adds
+# its harmless ones, such as its demo's prompt).
+MAY_CHANGE_ON_RESUME = """num_train_epochs max_train_steps early_stopping_patience output_dir drive
+    checkpointing_steps save_every_minutes keep_last resume_from_checkpoint no_resume logging_steps
+    report_to per_device_eval_batch_size dataloader_num_workers mixed_precision torch_compile""".split()
 # These three may change together when their product, the global batch, stays the same.
 BATCH_GEOMETRY = ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps")
 
 
 class Checkpointer:
-    """Saves and finds checkpoints in <output_dir>/checkpoints.
+    """Checkpoints in <output_dir>/checkpoints/step_N. Each is a folder that
+    `accelerator.save_state` writes (the model as safetensors, the optimizer, scheduler,
+    gradient scaler and sampler states, random_states_<process>.pkl for every process;
+    under FSDP or DeepSpeed, sub-folders of shards), plus training_state.json: the
+    progress (TrainingState), the settings and the size of every file. It is written
+    under a temporary name and renamed when whole, so a crash mid-save never leaves a
+    newest checkpoint that cannot load; one whose files do not have their sizes is skipped."""
 
-    A checkpoint is a folder written by `accelerator.save_state`: the model weights
-    (safetensors), optimizer, scheduler, gradient scaler and sampler states, one
-    random_states_<process>.pkl per process (under FSDP or DeepSpeed, sub-folders of
-    shards), plus training_state.json with the progress, the settings and the size of
-    every file. It is written under a temporary name and renamed when complete, so a
-    crash mid-save never leaves a newest checkpoint that cannot load.
-    """
-
-    def __init__(self, accelerator, output_dir, args, extra_settings, may_change=()):
-        self.accelerator = accelerator
+    def __init__(self, accelerator, output_dir, args, settings, may_change=()):
+        self.accelerator, self.args = accelerator, args
         self.dir = Path(output_dir) / CHECKPOINTS
-        self.args = args
-        # Settings a resumed run must share with the run that wrote the checkpoint.
         harmless = set(MAY_CHANGE_ON_RESUME) | set(may_change)
-        self.fingerprint = {k: v for k, v in vars(args).items() if k not in harmless}
-        self.fingerprint.update(extra_settings, num_processes=accelerator.num_processes)
+        self.settings = {k: v for k, v in vars(args).items() if k not in harmless}
+        self.settings.update(settings, num_processes=accelerator.num_processes)
         self.last_save_time = time.monotonic()
-        self.signal_received = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            PREVIOUS_SIGNAL_HANDLERS.setdefault(sig, signal.getsignal(sig))
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame):
-        # Only note it: the loop saves at the next optimizer step, then exits.
-        # A second signal acts at once, as usual.
-        self.signal_received = signum
-        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
-
-    # -- finding -----------------------------------------------------------
-
-    def complete_checkpoints(self):
-        """(state, path) for every checkpoint that is whole, oldest first; damaged ones
-        are skipped with a warning."""
-        found = []
-        if not self.dir.is_dir():
-            return found
-        for path in self.dir.iterdir():
-            if not path.is_dir() or path.name.startswith((".tmp", ".old")):
-                continue
-            try:
-                meta = json.loads((path / STATE_FILE).read_text())
-                for name, size in meta["files"].items():
-                    if (path / name).stat().st_size != size:
-                        raise ValueError(f"{name} has the wrong size")
-                found.append((meta, path))
-            except (OSError, ValueError, KeyError) as err:
-                self.accelerator.print(f"warning: skipping damaged checkpoint {path} ({err})")
-        # Newest = saved last (a run resumed from an older checkpoint makes newer-step
-        # ones stale), then by progress.
-        found.sort(key=lambda mp: (mp[0].get("serial", 0), mp[0]["state"]["completed_steps"], mp[0]["state"]["epoch"]))
-        return found
 
     def resume(self):
-        """Load the newest complete checkpoint (or --resume_from_checkpoint) into the
-        prepared objects; return its TrainingState, or a fresh one."""
+        """Load the newest whole checkpoint (or --resume_from_checkpoint) into the prepared
+        objects and return its TrainingState; a fresh one if there is none."""
         if self.args.no_resume:
-            if self.accelerator.is_main_process and self.dir.exists():
+            if self.accelerator.is_main_process:
                 delete_tree(self.dir)
             self.accelerator.wait_for_everyone()
             return TrainingState()
-        candidates = self.complete_checkpoints()
+        candidates = whole_checkpoints(self.dir, self.accelerator.print)
         if self.args.resume_from_checkpoint:
             wanted = Path(self.args.resume_from_checkpoint).resolve()
             candidates = [(m, p) for m, p in candidates if p.resolve() == wanted]
             if not candidates:
                 raise UserError(
-                    f"--resume_from_checkpoint {wanted} is not a complete checkpoint; "
-                    f"pick one in {self.dir}, or drop the flag"
+                    f"--resume_from_checkpoint {wanted} is not a complete checkpoint; pick one in {self.dir}"
                 )
         failed = []
         for meta, path in reversed(candidates):
             saved = meta["fingerprint"]
-            self.check_fingerprint(saved, path)
+            check_settings(self.accelerator, saved, self.settings, path)
             try:
-                self.load(path, same_processes=saved["num_processes"] == self.accelerator.num_processes)
+                load_checkpoint(
+                    self.accelerator, path, same_processes=saved["num_processes"] == self.accelerator.num_processes
+                )
             except Exception as err:  # whole in size but unreadable, or not safe to unpickle
-                reason = first_line(err, limit=300)
-                self.accelerator.print(f"warning: could not load checkpoint {path} ({reason}); trying an older one")
-                failed.append(path)
+                self.accelerator.print(
+                    f"warning: could not load checkpoint {path} ({first_line(err, 300)}); trying an older one"
+                )
+                failed.append(path.name)
                 continue
             state = TrainingState(**meta["state"])
             if saved["gradient_accumulation_steps"] != self.args.gradient_accumulation_steps:
-                # Same global batch, other split: the same optimizer steps of this epoch are done.
+                # The same global batch split otherwise: the same optimizer steps of this epoch are done.
                 steps_done = math.ceil(state.batch_in_epoch / saved["gradient_accumulation_steps"])
                 state.batch_in_epoch = steps_done * self.args.gradient_accumulation_steps
-            # Accelerate counts micro-batches since the epoch began to know when to step.
-            self.accelerator.step = state.batch_in_epoch
+            self.accelerator.step = state.batch_in_epoch  # Accelerate counts them to know when to step
             self.accelerator.print(
-                f"Resumed from {path}: epoch {state.epoch}, "
-                f"step {state.completed_steps}, batch {state.batch_in_epoch} of the epoch"
+                f"Resumed from {path}: epoch {state.epoch}, step {state.completed_steps}, "
+                f"batch {state.batch_in_epoch} of the epoch"
             )
             return state
-        if failed:
-            # Never start over silently on top of checkpoints: rotation would delete them.
+        if failed:  # never start over on top of checkpoints: rotation would delete them
             raise UserError(
-                f"no checkpoint in {self.dir} could be loaded (tried {', '.join(p.name for p in failed)}); "
+                f"no checkpoint in {self.dir} could be loaded (tried {', '.join(failed)}); "
                 "move them away to keep them, or pass --no_resume to start fresh"
             )
         return TrainingState()
 
-    def load(self, path, same_processes=True):
-        """accelerator.load_state, which unpickles only tensors and plain data (torch's
-        weights_only), so a planted pickle cannot run code. Accelerate quietly skips
-        random states it cannot load; we check they load, since exact resume needs them
-        (on another number of processes, a process without its own file keeps its seed)."""
-        rng_file = path / f"random_states_{self.accelerator.process_index}.pkl"
-        if same_processes or rng_file.exists():
-            try:
-                accelerate_load(rng_file)
-            except Exception as err:
-                raise ValueError(f"{rng_file.name} cannot be loaded safely: {first_line(err, limit=None)}") from None
-        self.accelerator.load_state(str(path))
-
-    def check_fingerprint(self, saved, path):
-        """Refuse a checkpoint made with settings that change what is learned. The batch
-        may be split otherwise (processes x per-device batch x accumulation) if its global
-        size stays: each optimizer step then sees the same examples as before."""
-        changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in self.fingerprint.items() if k in saved and saved[k] != v]
-        other = [c for c in changed if c.split(":")[0] not in BATCH_GEOMETRY]
-        if other:
-            raise UserError(
-                f"the checkpoint in {path.parent} was made with other settings ({'; '.join(other)}); "
-                "use the same settings to resume, or --no_resume / another --output_dir to start fresh"
-            )
-        if not changed:
-            return
-        old, new = ([fp[k] for k in BATCH_GEOMETRY] for fp in (saved, self.fingerprint))
-        if math.prod(old) != math.prod(new):
-            raise UserError(
-                f"the checkpoint in {path.parent} was made with another global batch ({'; '.join(changed)}: "
-                f"{math.prod(old)} -> {math.prod(new)} examples per optimizer step); "
-                f"{batch_advice(math.prod(old), *new)} (it was made on {old[0]} process(es)); "
-                "or --no_resume / another --output_dir to start fresh"
-            )
-        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        if sharded and old[0] != new[0]:
-            raise UserError(
-                f"the checkpoint in {path.parent} holds FSDP/DeepSpeed shards of {old[0]} process(es); "
-                f"resume it on {old[0]} process(es), or --no_resume to start fresh"
-            )
-        self.accelerator.print(
-            f"note: the checkpoint was made with {' x '.join(map(str, old))} (processes x per-device batch x "
-            f"accumulation), this run uses {' x '.join(map(str, new))}: the same {math.prod(new)} examples per "
-            "optimizer step, from the same step and place in the data; random streams (dropout, masking) go on "
-            "from process 0's"
-        )
-
-    # -- saving ------------------------------------------------------------
-
-    def save_due(self, state):
-        """After an optimizer step: is a save due (steps, minutes, or a signal)?
-
-        Step saves are the same on every process. The clock and signals are not, so
-        with several processes they are compared (a collective operation, which waits
-        for the devices) only every --logging_steps steps, when the loop syncs anyway."""
-        steps = self.args.checkpointing_steps
-        due_by_steps = bool(steps and state.completed_steps % steps == 0)
-        minutes = self.args.save_every_minutes
-        due = due_by_steps or bool(minutes and time.monotonic() - self.last_save_time >= 60 * minutes)
-        due = due or self.signal_received is not None
-        if self.accelerator.num_processes > 1:
-            if state.completed_steps % self.args.logging_steps:
-                return due_by_steps
-            flag = torch.tensor([float(due)], device=self.accelerator.device)
-            due = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
-        return due
-
     def save(self, state):
-        name = f"step_{state.completed_steps:08d}"
+        """Save, keep the newest --keep_last, and exit if a signal asked for the save."""
+        acc, name = self.accelerator, f"step_{state.completed_steps:08d}"
         tmp = self.dir / f".tmp-{name}"
-        acc = self.accelerator
         try:
             if acc.is_main_process:
                 delete_tree(tmp)
@@ -827,41 +625,98 @@ class Checkpointer:
             acc.wait_for_everyone()
             if acc.is_main_process:
                 files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in tmp.rglob("*") if f.is_file()}
-                serial = max((m.get("serial", 0) for m, _ in self.complete_checkpoints()), default=0) + 1
-                meta = {"state": asdict(state), "fingerprint": self.fingerprint, "files": files, "serial": serial}
-                write_json(tmp / STATE_FILE, meta)
+                serial = max((m.get("serial", 0) for m, _ in whole_checkpoints(self.dir)), default=0) + 1
+                write_json(
+                    tmp / STATE_FILE,
+                    {"state": asdict(state), "fingerprint": self.settings, "files": files, "serial": serial},
+                )
                 for f in tmp.rglob("*"):
                     if f.is_file():
-                        fsync(f)
-        except OSError:
-            # A full disk or Drive: drop the partial save so the space (and the older,
-            # complete checkpoints) stay as they were.
+                        with open(f, "rb") as handle:
+                            os.fsync(handle.fileno())
+        except OSError:  # a full disk or Drive: drop the partial save; the older checkpoints stay
             if acc.is_main_process:
                 delete_tree(tmp)
             raise
         if acc.is_main_process:
             swap_in(tmp, self.dir / name)  # the same step saved again (at an epoch's end) replaces itself
-            self.rotate()
+            old = [path for _, path in whole_checkpoints(self.dir)[: -self.args.keep_last]]
+            killed = [path for path in self.dir.iterdir() if path.name.startswith((".tmp", ".old"))]
+            for path in old + killed:
+                delete_tree(path)
         acc.wait_for_everyone()
         self.last_save_time = time.monotonic()
-        return self.dir / name
+        if StopSignals.received is not None:
+            name = signal.Signals(StopSignals.received).name
+            acc.print(f"\n{name} received: saved step {state.completed_steps}. Run the same command again to continue.")
+            raise SystemExit(128 + StopSignals.received)
 
-    def rotate(self):
-        """Keep the newest --keep_last complete checkpoints."""
-        complete = self.complete_checkpoints()
-        for _, path in complete[: -self.args.keep_last]:
-            delete_tree(path)
-        for path in self.dir.iterdir():  # leftovers of saves that were killed
-            if path.name.startswith((".tmp", ".old")):
-                delete_tree(path)
 
-    def exit_if_signalled(self, state):
-        if self.signal_received is not None:
-            name = signal.Signals(self.signal_received).name
-            self.accelerator.print(
-                f"\n{name} received: saved step {state.completed_steps}. Run the same command again to continue."
-            )
-            raise SystemExit(128 + self.signal_received)
+def whole_checkpoints(folder, warn=None):
+    """(metadata, path) of every whole checkpoint in `folder`, oldest first; `warn` is told
+    of the damaged ones (a save killed halfway: files of the wrong size)."""
+    found = []
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if not path.is_dir() or path.name.startswith((".tmp", ".old")):
+            continue
+        try:
+            meta = json.loads((path / STATE_FILE).read_text())
+            for name, size in meta["files"].items():
+                if (path / name).stat().st_size != size:
+                    raise ValueError(f"{name} has the wrong size")
+            found.append((meta, path))
+        except (OSError, ValueError, KeyError) as err:
+            if warn:
+                warn(f"warning: skipping damaged checkpoint {path} ({err})")
+    # Newest = saved last (a run resumed from an older checkpoint makes newer-step ones stale).
+    return sorted(found, key=lambda mp: (mp[0].get("serial", 0), mp[0]["state"]["completed_steps"]))
+
+
+def load_checkpoint(accelerator, path, same_processes=True):
+    """accelerator.load_state unpickles only tensors and plain data (torch's weights_only),
+    so a planted pickle cannot run code. It quietly skips random states it cannot load;
+    exact resume needs them, so they are checked first (on another number of processes, a
+    process without a file of its own keeps its seed)."""
+    rng_file = path / f"random_states_{accelerator.process_index}.pkl"
+    if same_processes or rng_file.exists():
+        try:
+            accelerate_load(rng_file)
+        except Exception as err:
+            raise ValueError(f"{rng_file.name} cannot be loaded safely: {first_line(err, None)}") from None
+    accelerator.load_state(str(path))
+
+
+def check_settings(accelerator, saved, current, path):
+    """Refuse a checkpoint made with settings that change what is learned. The batch may be
+    split otherwise (processes x per-device batch x accumulation) while its global size
+    stays: each optimizer step then sees the same examples as before."""
+    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
+    other = [c for c in changed if c.split(":")[0] not in BATCH_GEOMETRY]
+    if other:
+        raise UserError(
+            f"the checkpoint in {path.parent} was made with other settings ({'; '.join(other)}); "
+            "use the same settings to resume, or --no_resume / another --output_dir to start fresh"
+        )
+    old, new = ([settings[k] for k in BATCH_GEOMETRY] for settings in (saved, current))
+    if old == new:
+        return
+    if math.prod(old) != math.prod(new):
+        raise UserError(
+            f"the checkpoint in {path.parent} was made with another global batch ({'; '.join(changed)}: "
+            f"{math.prod(old)} -> {math.prod(new)} examples per optimizer step); {batch_advice(math.prod(old), *new)} "
+            f"(it was made on {old[0]} process(es)); or --no_resume / another --output_dir to start fresh"
+        )
+    if old[0] != new[0] and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UserError(
+            f"the checkpoint in {path.parent} holds FSDP/DeepSpeed shards of {old[0]} process(es); "
+            f"resume it on {old[0]} process(es), or --no_resume to start fresh"
+        )
+    accelerator.print(
+        f"note: the checkpoint was made with {' x '.join(map(str, old))} (processes x per-device batch x "
+        f"accumulation), this run uses {' x '.join(map(str, new))}: the same {math.prod(new)} examples per "
+        "optimizer step, from the same step and place in the data; random streams (dropout, masking) go on "
+        "from process 0's"
+    )
 
 
 def batch_advice(global_batch, processes, per_device, accumulation):
@@ -878,13 +733,35 @@ def batch_advice(global_batch, processes, per_device, accumulation):
     )
 
 
+class StopSignals:
+    """SIGTERM (a scheduler's preemption, Colab's stop button) and SIGINT (Ctrl-C) are only
+    noted: the run saves at its next optimizer step, then exits. A second one acts at once.
+    What the signals did before is given back when the run ends (run())."""
+
+    received = None
+    previous = {}
+
+    @classmethod
+    def catch(cls):
+        cls.received = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            cls.previous.setdefault(sig, signal.getsignal(sig))
+            signal.signal(sig, cls.note)
+
+    @classmethod
+    def note(cls, signum, frame):
+        cls.received = signum
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+
+    @classmethod
+    def restore(cls):
+        while cls.previous:
+            sig, handler = cls.previous.popitem()
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 def write_json(path, obj):
     Path(path).write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def fsync(path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def delete_tree(path):
@@ -898,8 +775,7 @@ def delete_tree(path):
 
 
 def swap_in(tmp, final):
-    """Move a finished folder into place, replacing the old one only once the new one is
-    whole: at every moment one of them is complete."""
+    """Move a finished folder into place; the old one goes only once the new one is there."""
     if final.exists():
         old = final.with_name(f".old-{final.name}")
         final.rename(old)
@@ -910,12 +786,9 @@ def swap_in(tmp, final):
 
 
 def export_model(accelerator, model, tokenizer, path):
-    """Save a Hugging Face model directory (safetensors + config + tokenizer) that
-    `from_pretrained` and `pipeline` load; swapped in atomically.
-
-    Every process takes part: under FSDP or DeepSpeed ZeRO-3 each holds a shard of the
-    weights, and `get_state_dict` gathers the full ones (on the main process)."""
-    path = Path(path)
+    """Save a Hugging Face model folder (safetensors, config, tokenizer) that `from_pretrained`
+    and `pipeline` load, swapped in atomically. Every process takes part: under FSDP or
+    DeepSpeed ZeRO-3 each holds a shard, and `get_state_dict` gathers the full weights."""
     try:
         state_dict = accelerator.get_state_dict(model)
     except ValueError as err:  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save
@@ -933,27 +806,190 @@ def export_model(accelerator, model, tokenizer, path):
 
 
 # ---------------------------------------------------------------------------
-# Evaluation, metrics, throughput, logging.
+# A run: the bookkeeping around the loop, so each script shows only the loop.
+# ---------------------------------------------------------------------------
+
+
+class Run:
+    """Everything around a script's loop: resumes from the newest checkpoint, counts batches
+    and optimizer steps, logs (Progress) and saves when due, and at each epoch's end keeps
+    the best model and checkpoints. `settings` and `may_change` go to the resume check."""
+
+    def __init__(
+        self, accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, may_change=()
+    ):
+        self.accelerator, self.args, self.model, self.tokenizer = accelerator, args, model, tokenizer
+        self.output_dir = Path(args.output_dir)
+        self.best_dir = self.output_dir / "best"
+        self.metric = getattr(args, "metric_for_best_model", "loss")  # picks best/; lower is better for a loss
+        self.steps_per_epoch, self.total_steps, self.num_epochs = training_steps(len(train_dataloader), args)
+        self.checkpointer = Checkpointer(accelerator, self.output_dir, args, settings, may_change)
+        self.state = self.checkpointer.resume()
+        StopSignals.catch()
+        self.progress = Progress(accelerator, self, lr_scheduler, flops)
+
+    def finished(self):
+        return self.state.completed_steps >= self.total_steps or self.state.stopped_early
+
+    def epochs(self):
+        """The epochs still to train, from where a resumed run stands (none if it is finished)."""
+        announce(self)
+        while not self.finished():
+            yield self.state.epoch
+
+    def batches(self, dataloader):
+        """This epoch's batches, without those a resumed run already trained on, up to the last step."""
+        done = self.state.batch_in_epoch
+        for batch in self.accelerator.skip_first_batches(dataloader, done) if done else dataloader:
+            if self.state.completed_steps >= self.total_steps:
+                return
+            yield batch
+        if self.state.batch_in_epoch >= len(dataloader):  # the epoch ran to its end
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    def log_and_save(self, loss, num_tokens):
+        """After each batch: count it; after each optimizer step, log every --logging_steps
+        steps and checkpoint when due."""
+        self.state.batch_in_epoch += 1
+        self.progress.add(loss, num_tokens)
+        if self.accelerator.sync_gradients:  # an optimizer step was taken (not just accumulated)
+            self.state.completed_steps += 1
+            self.progress.step()
+            if self.save_due():
+                self.save()
+
+    def end_epoch(self, metrics):
+        """At an epoch's end: log the evaluation, export the model if it is the best so far,
+        stop early after --early_stopping_patience evaluations without improvement, checkpoint."""
+        state, patience = self.state, self.args.early_stopping_patience
+        self.progress.log({f"eval_{k}": v for k, v in metrics.items()})
+        self.accelerator.print(f"epoch {state.epoch}, step {state.completed_steps}: {format_metrics(metrics)}")
+        value, best = metrics[self.metric], state.best_metric
+        if best is None or (value < best if self.metric == "loss" else value > best):
+            state.best_metric, state.best_step, state.evals_without_improvement = value, state.completed_steps, 0
+            self.progress.throughput.pause()  # exporting and saving are not training: out of tokens/s
+            export_model(self.accelerator, self.model, self.tokenizer, self.best_dir)
+            if self.accelerator.is_main_process:
+                write_json(self.output_dir / "eval_results.json", {"step": state.completed_steps, **metrics})
+        else:
+            state.evals_without_improvement += 1
+            if patience and state.evals_without_improvement >= patience:
+                self.accelerator.print(f"No improvement in {self.metric} for {patience} evaluations: stopping early.")
+                state.stopped_early = True
+        self.save()
+
+    def save_due(self):
+        """After an optimizer step: is a save due (steps, minutes, a signal)? Step saves are
+        the same on every process. The clock and signals are not, so with several processes
+        they are compared (a collective operation, which waits for the devices) only every
+        --logging_steps steps, when the loop syncs anyway."""
+        state, steps, minutes = self.state, self.args.checkpointing_steps, self.args.save_every_minutes
+        by_steps = bool(steps and state.completed_steps % steps == 0)
+        by_clock = bool(minutes and time.monotonic() - self.checkpointer.last_save_time >= 60 * minutes)
+        due = by_steps or by_clock or StopSignals.received is not None
+        if self.accelerator.num_processes == 1:
+            return due
+        if state.completed_steps % self.args.logging_steps:
+            return by_steps
+        flag = torch.tensor([float(due)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def save(self):
+        self.progress.throughput.pause()
+        self.checkpointer.save(self.state)  # exits here if a signal asked for the save
+        self.progress.throughput.resume()
+
+    def finish(self):
+        """The end: peak GPU memory, log_history.json, loss.png and where the best model is.
+        True on the main process, which then shows the demo."""
+        self.progress.bar.close()
+        self.accelerator.end_training()
+        if self.accelerator.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
+            self.accelerator.print(f"Peak GPU memory: {peak:.2f} GiB")
+        if not self.accelerator.is_main_process:
+            return False
+        write_json(self.output_dir / "log_history.json", self.state.log_history)
+        plot_history(self.state.log_history, self.output_dir / "loss.png", ("eval_loss", f"eval_{self.metric}"))
+        best = self.state.best_metric
+        print(f"Best {self.metric}: {best:.4f} at step {self.state.best_step}; model in {self.best_dir}")
+        return True
+
+
+def announce(run):
+    """The line a run starts with: what it will train (with its global batch), or that it is done."""
+    args, acc = run.args, run.accelerator
+    if run.finished():
+        acc.print(
+            f"Training already finished in {run.output_dir} ({run.state.completed_steps} steps); "
+            "raise --num_train_epochs or --max_train_steps to train further."
+        )
+        return
+    batch = (args.per_device_train_batch_size, args.gradient_accumulation_steps, acc.num_processes)
+    acc.print(
+        f"Training for {run.num_epochs} epochs, {run.total_steps} optimizer steps ({run.steps_per_epoch} per epoch), "
+        f"global batch {math.prod(batch)} ({batch[0]} per device x {batch[1]} accumulated x {batch[2]} process(es)), "
+        f"{acc.device}, mixed precision: {acc.mixed_precision}"
+    )
+
+
+class Progress:
+    """What a run shows while it trains: the progress bar, and every --logging_steps steps
+    the training loss, learning rate, tokens/s and MFU, logged into the training state
+    (saved with checkpoints) and the trackers. The loss stays on the device until then:
+    .item() waits for the device, so it happens only every --logging_steps steps."""
+
+    def __init__(self, accelerator, run, lr_scheduler, flops_per_token):
+        self.accelerator, self.run, self.lr_scheduler = accelerator, run, lr_scheduler
+        self.throughput = Throughput(accelerator, flops_per_token)
+        self.losses = []
+        completed, disable = run.state.completed_steps, not accelerator.is_main_process
+        self.bar = tqdm(total=run.total_steps, initial=completed, disable=disable)
+
+    def add(self, loss, num_tokens):
+        self.losses.append(loss.detach())
+        self.throughput.add(num_tokens)
+
+    def step(self):
+        self.bar.update(1)
+        if self.run.state.completed_steps % self.run.args.logging_steps:
+            return
+        mean = self.accelerator.reduce(torch.stack(self.losses).float().mean(), reduction="mean").item()
+        metrics = {"train_loss": mean, "learning_rate": self.lr_scheduler.get_last_lr()[0]}
+        metrics |= self.throughput.report()
+        self.log(metrics)
+        self.losses = []
+        postfix = {"loss": f"{mean:.4f}", "lr": f"{metrics['learning_rate']:.2e}"}
+        postfix["tok/s"] = f"{metrics['tokens_per_second']:.0f}"
+        if "mfu" in metrics:
+            postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+        self.bar.set_postfix(postfix)
+
+    def log(self, metrics):
+        state = self.run.state
+        state.log_history.append({"step": state.completed_steps, "epoch": state.epoch, **metrics})
+        self.accelerator.log(metrics, step=state.completed_steps)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation, metrics, throughput, the loss curves.
 # ---------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def evaluate(accelerator, model, dataloader, per_example):
-    """Run `per_example(model, batch)` -> dict of tensors with one row per example over
-    the whole dataloader; return them concatenated over all batches and processes.
-
-    `gather_for_metrics` drops the examples that the last batch repeats to keep
-    processes even, so metrics are exact for any number of processes. Returning
-    per-example values (not per-batch means) keeps a small last batch from skewing
-    averages."""
+    """`per_example(model, batch)` -> dict of tensors with one row per example, over the
+    whole dataloader and every process, as tensors. `gather_for_metrics` drops the examples
+    that the last batch repeats to keep processes even, so metrics are exact for any
+    number of processes; per-example values keep a small last batch from skewing means."""
     model.eval()
     parts, dtypes = {}, {}
     for batch in dataloader:
-        out = accelerator.gather_for_metrics(per_example(model, batch))
-        for k, v in out.items():
-            # Kept as Python numbers, not as many small CPU tensors: on a CPU those would
-            # sit between the freed big buffers of each batch (logits) and keep the
-            # allocator from returning them (GBs over a long evaluation).
+        for k, v in accelerator.gather_for_metrics(per_example(model, batch)).items():
+            # Python numbers, not many small CPU tensors: on a CPU those would sit between
+            # the freed big buffers of each batch (logits) and keep the allocator from
+            # returning them (GBs over a long evaluation).
             parts.setdefault(k, []).extend(v.cpu().tolist())
             dtypes[k] = v.dtype
     model.train()
@@ -961,8 +997,8 @@ def evaluate(accelerator, model, dataloader, per_example):
 
 
 def load_metric(name, fallback):
-    """An `evaluate` metric, or `fallback` with the same `compute(...)` when the hub
-    cannot be reached (evaluate fetches metric code from the hub on first use)."""
+    """An `evaluate` metric's compute(), or `fallback` (the same numbers) when the hub
+    cannot be reached: evaluate fetches metric code from the hub on first use."""
     if os.environ.get("HF_HUB_OFFLINE") != "1":
         try:
             import evaluate
@@ -973,18 +1009,20 @@ def load_metric(name, fallback):
     return fallback
 
 
+def format_metrics(metrics):
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
 class Throughput:
     """Counts tokens on the device (no host sync per step); reports tokens/s over all
     processes when asked, and on a GPU the model FLOPs utilization (MFU)."""
 
     def __init__(self, accelerator, flops_per_token=None):
-        self.accelerator = accelerator
+        self.accelerator, self.flops_per_token = accelerator, flops_per_token
         self.tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
         self.start = time.perf_counter()
-        self.flops_per_token = flops_per_token
         peak = peak_flops(accelerator.device, accelerator.mixed_precision)
-        # Peak of all processes together: each process has its own device.
-        self.peak = peak * accelerator.num_processes if peak else None
+        self.peak = peak * accelerator.num_processes if peak else None  # each process has its own GPU
 
     def add(self, num_tokens):
         self.tokens += num_tokens
@@ -1005,19 +1043,17 @@ class Throughput:
 
     def report(self):
         """{"tokens_per_second": ..., and "mfu" (0..1) where the device's peak is known}."""
-        tps = self.tokens_per_second()
-        out = {"tokens_per_second": tps}
+        out = {"tokens_per_second": self.tokens_per_second()}
         if self.peak and self.flops_per_token:
-            out["mfu"] = tps * self.flops_per_token / self.peak
+            out["mfu"] = out["tokens_per_second"] * self.flops_per_token / self.peak
         return out
 
 
 def flops_per_token(model, seq_len):
-    """Training FLOPs per token, as nanoGPT and the PaLM paper count them: 6 per weight
-    that takes part in a matrix product (2 forward, 4 backward), plus attention's
-    12 x layers x width x sequence length. Embedding lookups are not matrix products;
-    an output layer tied to the embeddings is. Counted before `prepare`, while every
-    weight is whole (FSDP and ZeRO-3 split them)."""
+    """Training FLOPs per token as nanoGPT and the PaLM paper count them: 6 per weight in a
+    matrix product (2 forward, 4 backward), plus attention's 12 x layers x width x sequence
+    length. Embedding lookups are no matrix products; an output layer tied to the embeddings
+    is. Counted before `prepare`, while every weight is whole (FSDP and ZeRO-3 split them)."""
     matmul = model.num_parameters(exclude_embeddings=True)
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
@@ -1051,40 +1087,9 @@ def peak_flops(device, mixed_precision):
     return None
 
 
-def peak_memory(device):
-    """Peak GPU memory allocated by tensors since the start, in GiB (None on CPU)."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device) / 2**30
-
-
-def progress_postfix(entry):
-    """What the progress bar shows after the step counter."""
-    postfix = {"loss": f"{entry['train_loss']:.4f}", "lr": f"{entry['learning_rate']:.2e}"}
-    postfix["tok/s"] = f"{entry['tokens_per_second']:.0f}"
-    if "mfu" in entry:
-        postfix["mfu"] = f"{100 * entry['mfu']:.1f}%"
-    return postfix
-
-
-def mean_over_processes(accelerator, values):
-    """Mean of a list of 0-d tensors on this process, averaged over processes."""
-    local = torch.stack(values).float().mean()
-    return accelerator.reduce(local, reduction="mean").item()
-
-
-def log_metrics(accelerator, state, metrics):
-    """Record metrics in the training state (saved with checkpoints) and the trackers."""
-    entry = {"step": state.completed_steps, "epoch": state.epoch, **metrics}
-    state.log_history.append(entry)
-    accelerator.log(metrics, step=state.completed_steps)
-    return entry
-
-
 def plot_history(log_history, path, eval_keys=("eval_loss",)):
-    """loss.png: the training loss and the eval metrics against optimizer steps, from
-    the log the run keeps anyway (also in log_history.json). Losses on the left axis,
-    other metrics (accuracy, perplexity, ...) on the right."""
+    """loss.png: the training loss and the eval metrics against optimizer steps; losses on
+    the left axis, other metrics (accuracy, perplexity, ...) on the right."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed (Colab subprocess, servers, CI)
@@ -1094,11 +1099,9 @@ def plot_history(log_history, path, eval_keys=("eval_loss",)):
     other = None
     for key in ("train_loss", *dict.fromkeys(eval_keys)):
         points = [(e["step"], e[key]) for e in log_history if key in e]
-        if not points:
-            continue
-        if key.endswith("loss"):
+        if points and key.endswith("loss"):
             ax.plot(*zip(*points), "-" if key == "train_loss" else "o-", label=key.replace("_", " "))
-        else:
+        elif points:
             other = other or ax.twinx()
             other.plot(*zip(*points), "s--", color="tab:green", label=key.replace("_", " "))
             other.set_ylabel(key.replace("_", " "))
@@ -1109,12 +1112,3 @@ def plot_history(log_history, path, eval_keys=("eval_loss",)):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def improved(value, best, greater_is_better):
-    return best is None or (value > best if greater_is_better else value < best)
-
-
-def params_summary(model):
-    n = sum(p.numel() for p in model.parameters())
-    return f"{n:,} parameters"

@@ -6,10 +6,10 @@
     accelerate launch finetune_gpt2.py ...                   # any number of GPUs or TPU cores
 
 The text is tokenized once and packed into blocks of --block_size tokens: no padding,
-every position is a prediction. Evaluation reports the loss and the perplexity,
-exp(mean loss per predicted token). The best model goes to <output_dir>/best; at the
-end a sample is generated from --prompt and saved to <output_dir>/samples.txt.
-Re-running the same command continues from the newest checkpoint in --output_dir.
+every position is a prediction. Each epoch reports the loss and the perplexity,
+exp(mean loss per predicted token); the best model goes to <output_dir>/best, and at the
+end a sample continues --prompt (saved to samples.txt). Re-running the same command
+continues from the newest checkpoint in --output_dir.
 """
 
 import math
@@ -18,35 +18,37 @@ import tarfile
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator, get_scheduler, pipeline, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator, pipeline, set_seed
 
 import common
 
+DEMO_FLAGS = ["prompt", "max_new_tokens", "top_k", "top_p", "temperature", "archive"]  # may change on resume
+
 
 def parse_args(argv=None):
-    parser = common.build_parser(__doc__.split("\n")[0])
-    parser.add_argument(
-        "--block_size",
-        type=int,
-        help="tokens per training sample (default: the smaller of 1024 and the model's maximum)",
-    )
-    parser.add_argument("--prompt", default="= Toronto Raptors =", help="text to continue at the end")
-    parser.add_argument("--max_new_tokens", type=int, default=100, help="length of the sample (0: no sample)")
-    parser.add_argument("--top_k", type=int, default=50, help="sample from the k likeliest tokens (0: all)")
-    parser.add_argument("--top_p", type=float, default=0.95, help="... whose probabilities add up to p (1: all)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="below 1: safer, above 1: wilder (0: greedy)")
-    parser.add_argument("--archive", action="store_true", help="also write <output_dir>.tar.gz of the best model")
-    parser.set_defaults(
+    parser = common.build_parser(
+        __doc__.split("\n")[0],
         model_name_or_path="gpt2",
         dataset_name="wikitext",
         dataset_config_name="wikitext-2-raw-v1",
         per_device_train_batch_size=4,
         per_device_eval_batch_size=8,
-        num_train_epochs=3,
     )
-    return parser.parse_args(argv)
+    a = parser.add_argument
+    a("--block_size", type=int, help="tokens per sample (default: the smaller of 1024 and the model's maximum)")
+    a("--prompt", default="= Toronto Raptors =", help="text the sample at the end continues")
+    a("--max_new_tokens", type=int, default=100, help="length of the sample (0: no sample)")
+    a("--top_k", type=int, default=50, help="sample from the k likeliest tokens (0: all)")
+    a("--top_p", type=float, default=0.95, help="... whose probabilities add up to p (1: all)")
+    a("--temperature", type=float, default=1.0, help="below 1: safer, above 1: wilder (0: greedy)")
+    a("--archive", action="store_true", help="also write <output_dir>.tar.gz of the best model")
+    args = parser.parse_args(argv)
+    # Checked before training: a bad sampling flag must not surface only after hours of it.
+    if args.max_new_tokens < 0 or args.top_k < 0 or args.temperature < 0:
+        raise common.UserError("--max_new_tokens, --top_k and --temperature cannot be negative")
+    if not 0 < args.top_p <= 1:
+        raise common.UserError(f"--top_p must be more than 0 and at most 1 (got {args.top_p})")
+    return args
 
 
 # ---------------------------------------------------------------------------
@@ -54,77 +56,59 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------
 
 
-def load_tokenizer(name):
-    tokenizer = common.from_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer")
+def load_model(args):
+    tokenizer = common.from_pretrained(AutoTokenizer.from_pretrained, args.model_name_or_path, "tokenizer")
     if tokenizer.eos_token_id is None:
         raise common.UserError(
-            f"the tokenizer of {name} has no end-of-text token (eos_token); give it one "
+            f"the tokenizer of {args.model_name_or_path} has no end-of-text token (eos_token); give it one "
             "(e.g. '<|endoftext|>', as GPT-2's) or use a causal-LM tokenizer that has it"
         )
-    return tokenizer
-
-
-def check_generation_args(args):
-    """Checked before training: a bad sampling flag must not surface only after hours of it."""
-    if args.max_new_tokens < 0 or args.top_k < 0 or args.temperature < 0:
-        raise common.UserError("--max_new_tokens, --top_k and --temperature cannot be negative")
-    if not 0 < args.top_p <= 1:
-        raise common.UserError(f"--top_p must be more than 0 and at most 1 (got {args.top_p})")
+    model = common.from_pretrained(AutoModelForCausalLM.from_pretrained, args.model_name_or_path)
+    most = max_positions(model, tokenizer)
+    if args.block_size is None:
+        return tokenizer, model, min(1024, most)
+    if not 2 <= args.block_size <= most:
+        raise common.UserError(
+            f"--block_size {args.block_size} is not between 2 and the model's maximum of {most} positions; "
+            f"use --block_size {most} or less"
+        )
+    return tokenizer, model, args.block_size
 
 
 def max_positions(model, tokenizer):
-    """How many tokens the model can see at once. GPT-2 says so in its config; a model with
-    no position table (ALiBi, e.g. BLOOM) has none there, so ask its tokenizer instead."""
+    """How many tokens the model sees at once: in its config (GPT-2), or for a model with no
+    position table (ALiBi, as BLOOM) its tokenizer's limit."""
     return getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-
-
-def choose_block_size(args, model_max):
-    if args.block_size is None:
-        return min(1024, model_max)
-    if args.block_size < 2:
-        raise common.UserError(f"--block_size must be at least 2 (got {args.block_size})")
-    if args.block_size > model_max:
-        raise common.UserError(
-            f"--block_size {args.block_size} is more than the model's maximum of {model_max} positions; "
-            f"use --block_size {model_max} or less"
-        )
-    return args.block_size
 
 
 def tokenize_and_pack(texts, tokenizer, block_size, split_name):
     """Token ids of all lines, one stream, cut into blocks of exactly block_size tokens.
     Only the final partial block is dropped (map with batch_size=None sees the whole text)."""
-    tokenized = texts.map(
-        lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=texts.column_names, desc="tokenize"
-    )
-    tokenized = tokenized.remove_columns([c for c in tokenized.column_names if c != "input_ids"])
-    blocks = tokenized.map(
-        common.group_texts, batched=True, batch_size=None, fn_kwargs={"block_size": block_size}, desc="pack"
-    )
+    ids = texts.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=texts.column_names)
+    ids = ids.select_columns(["input_ids"])
+    blocks = ids.map(common.group_texts, batched=True, batch_size=None, fn_kwargs={"block_size": block_size})
     if len(blocks) == 0:
-        found = sum(len(ids) for ids in tokenized["input_ids"])
+        found = sum(len(x) for x in ids["input_ids"])
         raise common.UserError(
             f"the {split_name} text has {found} tokens: fewer than one block of --block_size {block_size}; "
             f"add text or pass --block_size {max(2, found)} or less"
         )
-    return blocks
-
-
-# ---------------------------------------------------------------------------
-# Evaluation: loss per predicted token, perplexity.
-# ---------------------------------------------------------------------------
+    return blocks.with_format("torch")
 
 
 def run_evaluation(accelerator, model, eval_dataloader):
+    """Loss per predicted token over the whole validation text, and its perplexity."""
+
     def per_example(model, batch):
         logits = model(input_ids=batch["input_ids"]).logits.float()
-        # Position t predicts token t+1: the model shifts labels the same way.
-        shifted_logits, targets = logits[:, :-1], batch["input_ids"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(shifted_logits.transpose(1, 2), targets, reduction="none")
-        return {"loss_sum": losses.sum(dim=1), "tokens": torch.full_like(losses[:, 0], targets.shape[1])}
+        # Position t predicts token t+1: the model shifts the labels the same way.
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none"
+        )
+        return {"loss_sum": losses.sum(dim=1), "tokens": torch.full_like(losses[:, 0], losses.shape[1])}
 
     out = common.evaluate(accelerator, model, eval_dataloader, per_example)
-    loss = (out["loss_sum"].sum() / out["tokens"].sum()).item()  # mean over tokens, not batches
+    loss = (out["loss_sum"].sum() / out["tokens"].sum()).item()  # the mean over tokens, not over batches
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
@@ -134,84 +118,35 @@ def run_evaluation(accelerator, model, eval_dataloader):
 
 
 def train(args):
-    common.check_args(args)
-    check_generation_args(args)
-    output_dir = common.resolve_output_dir(args, "finetune_gpt2")
-    accelerator = common.make_accelerator(args, output_dir)
-
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    model = common.from_pretrained(AutoModelForCausalLM.from_pretrained, args.model_name_or_path)
-    block_size = choose_block_size(args, max_positions(model, tokenizer))
+    accelerator = common.setup(args, "finetune_gpt2")
+    tokenizer, model, block_size = load_model(args)
     with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
         train_text, eval_text = common.load_text_data(args)
         train_data = tokenize_and_pack(train_text, tokenizer, block_size, "training")
         eval_data = tokenize_and_pack(eval_text, tokenizer, block_size, "validation")
     accelerator.print(
-        f"{args.model_name_or_path}: {common.params_summary(model)}; {len(train_data)} training and "
+        f"{args.model_name_or_path}: {model.num_parameters():,} parameters; {len(train_data)} training and "
         f"{len(eval_data)} validation blocks of {block_size} tokens"
     )
-
-    options = common.loader_options(args, accelerator.device)
-    train_dataloader = DataLoader(
-        train_data.with_format("torch"),
-        shuffle=True,
-        collate_fn=default_data_collator,
-        batch_size=args.per_device_train_batch_size,
-        generator=common.data_generator(args.seed),
-        **options,
+    # Every block has block_size tokens: batches are stacked, never padded.
+    train_dataloader, eval_dataloader = common.make_dataloaders(
+        args, accelerator, train_data, eval_data, default_data_collator
     )
-    eval_dataloader = DataLoader(
-        eval_data.with_format("torch"),
-        collate_fn=default_data_collator,
-        batch_size=args.per_device_eval_batch_size,
-        **options,
-    )
-
-    flops_per_token = common.flops_per_token(model, block_size)  # counted while the weights are whole
+    flops = common.flops_per_token(model, block_size)  # counted while the weights are whole
     optimizer = common.make_optimizer(model, args, accelerator.device)
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
     )
-    steps_per_epoch, total_steps, num_epochs = common.training_steps(len(train_dataloader), args)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps, num_training_steps=total_steps
-    )
-    lr_scheduler = accelerator.prepare(lr_scheduler)
-
-    # Resume: reload the newest complete checkpoint, if any.
+    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, len(train_dataloader))
+    # Resume from the newest checkpoint in --output_dir, if it was made with these settings.
     settings = {"block_size": block_size, "vocab_size": len(tokenizer), "train_blocks": len(train_data)}
-    demo_flags = ["prompt", "max_new_tokens", "top_k", "top_p", "temperature", "archive"]
-    checkpointer = common.Checkpointer(accelerator, output_dir, args, settings, demo_flags)
-    state = checkpointer.resume()
-    best_dir = output_dir / "best"
+    run = common.Run(accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, DEMO_FLAGS)
 
-    if args.report_to != "none":
-        accelerator.init_trackers("finetune_gpt2", config=vars(args) | {"output_dir": str(output_dir)})
-
-    def finished():
-        return state.completed_steps >= total_steps
-
-    if finished():
-        accelerator.print(
-            f"Training already finished in {output_dir} ({state.completed_steps} steps); "
-            "raise --num_train_epochs or --max_train_steps to train further."
-        )
-    else:
-        accelerator.print(common.describe_training(accelerator, args, num_epochs, total_steps, steps_per_epoch))
-
-    progress_bar = tqdm(total=total_steps, initial=state.completed_steps, disable=not accelerator.is_main_process)
-    throughput = common.Throughput(accelerator, flops_per_token)
-    losses = []
     model.train()
-    while not finished():
-        train_dataloader.set_epoch(state.epoch)  # the epoch's shuffle depends only on seed and epoch
-        batches = train_dataloader
-        if state.batch_in_epoch:  # resuming mid-epoch: skip what was already trained on
-            batches = accelerator.skip_first_batches(train_dataloader, state.batch_in_epoch)
-        for batch in batches:
-            if state.completed_steps >= total_steps:
-                break
-            with accelerator.accumulate(model):
+    for epoch in run.epochs():
+        train_dataloader.set_epoch(epoch)  # the epoch's shuffle depends only on the seed and the epoch
+        for batch in run.batches(train_dataloader):  # without those a resumed run already trained on
+            with accelerator.accumulate(model):  # the optimizer steps every --gradient_accumulation_steps
                 # The labels are the inputs: the model shifts them by one position itself.
                 outputs = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
                 accelerator.backward(outputs.loss)
@@ -219,69 +154,16 @@ def train(args):
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    lr_scheduler.step()
+                    lr_scheduler.step()  # once per optimizer step (fp16 may skip a step on overflow)
                 optimizer.zero_grad()
-            state.batch_in_epoch += 1
-            losses.append(outputs.loss.detach())
-            throughput.add(batch["input_ids"].numel())  # every token is real: no padding
+            run.log_and_save(outputs.loss, batch["input_ids"].numel())  # every token is real: no padding
+        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # keep the best; checkpoint
 
-            if not accelerator.sync_gradients:
-                continue
-            state.completed_steps += 1
-            progress_bar.update(1)
-            if state.completed_steps % args.logging_steps == 0:
-                entry = common.log_metrics(
-                    accelerator,
-                    state,
-                    {
-                        "train_loss": common.mean_over_processes(accelerator, losses),
-                        "learning_rate": lr_scheduler.get_last_lr()[0],
-                        **throughput.report(),
-                    },
-                )
-                losses = []
-                progress_bar.set_postfix(common.progress_postfix(entry))
-            if checkpointer.save_due(state):
-                throughput.pause()  # saving is not training: keep it out of tokens/s
-                checkpointer.save(state)
-                throughput.resume()
-                checkpointer.exit_if_signalled(state)
-
-        if state.batch_in_epoch == len(train_dataloader):
-            state.epoch += 1
-            state.batch_in_epoch = 0
-
-        throughput.pause()  # evaluating and saving are not training either
-        metrics = run_evaluation(accelerator, model, eval_dataloader)
-        common.log_metrics(accelerator, state, {f"eval_{k}": v for k, v in metrics.items()})
-        accelerator.print(
-            f"epoch {state.epoch}, step {state.completed_steps}: "
-            f"eval loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}"
-        )
-        if common.improved(metrics["loss"], state.best_metric, greater_is_better=False):
-            state.best_metric, state.best_step = metrics["loss"], state.completed_steps
-            common.export_model(accelerator, model, tokenizer, best_dir)
-            if accelerator.is_main_process:
-                common.write_json(output_dir / "eval_results.json", {"step": state.completed_steps, **metrics})
-        checkpointer.save(state)
-        throughput.resume()
-        checkpointer.exit_if_signalled(state)
-    progress_bar.close()
-    accelerator.end_training()
-    if common.peak_memory(accelerator.device) is not None:
-        accelerator.print(f"Peak GPU memory: {common.peak_memory(accelerator.device):.2f} GiB")
-
-    if accelerator.is_main_process:
-        common.write_json(output_dir / "log_history.json", state.log_history)
-        common.plot_history(state.log_history, output_dir / "loss.png", ("eval_loss",))
-        accelerator.print(
-            f"Best eval loss {state.best_metric:.4f} (perplexity {math.exp(min(state.best_metric, 50)):.2f}) "
-            f"at step {state.best_step}; model in {best_dir}"
-        )
-        generate_sample(args, best_dir, output_dir / "samples.txt", accelerator.device)
+    if run.finish():
+        generate_sample(args, run.best_dir, run.output_dir / "samples.txt", accelerator.device)
         if args.archive:
-            archive(best_dir, output_dir)
-    return state
+            archive(run.best_dir, run.output_dir)
+    return run.state
 
 
 def generate_sample(args, model_dir, path, device):
@@ -290,10 +172,9 @@ def generate_sample(args, model_dir, path, device):
         return None
     generator = pipeline("text-generation", model=str(model_dir), device=device)
     # The model sees at most max_positions tokens: the prompt and what it adds.
-    positions = max_positions(generator.model, generator.tokenizer)
-    room = positions - len(generator.tokenizer(args.prompt)["input_ids"])
+    room = max_positions(generator.model, generator.tokenizer) - len(generator.tokenizer(args.prompt)["input_ids"])
     if room < 1:
-        print(f"\nThe prompt is longer than the model's {positions} positions")
+        print("\nThe prompt is longer than the model's positions: no sample")
         return None
     set_seed(args.seed)  # the same sample for the same model and settings
     sampling = {"do_sample": True, "top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
@@ -309,8 +190,8 @@ def generate_sample(args, model_dir, path, device):
 
 
 def archive(model_dir, output_dir):
-    """<output_dir>.tar.gz of the exported model, next to the output folder (on Drive
-    when the output is there); written under a temporary name, then renamed."""
+    """<output_dir>.tar.gz of the exported model, next to the output folder (on Drive when
+    the output is there); written under a temporary name, then renamed."""
     target = Path(f"{output_dir}.tar.gz")
     tmp = target.with_name(f".tmp-{target.name}")
     with tarfile.open(tmp, "w:gz") as tar:
@@ -320,8 +201,7 @@ def archive(model_dir, output_dir):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    return common.run(train, args)
+    return common.run(train, parse_args, argv)
 
 
 if __name__ == "__main__":

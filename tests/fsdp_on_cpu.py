@@ -19,11 +19,11 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin  # 
 
 import common  # noqa: E402
 
-make_accelerator = common.make_accelerator
+setup = common.setup
 
 
-def make_fsdp_accelerator(args, output_dir):
-    accelerator = make_accelerator(args, output_dir)
+def setup_with_fsdp(args, script_name):
+    accelerator = setup(args, script_name)
     AcceleratorState().fsdp_plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2,
         state_dict_type="SHARDED_STATE_DICT",
@@ -34,6 +34,6 @@ def make_fsdp_accelerator(args, output_dir):
     return accelerator
 
 
-common.make_accelerator = make_fsdp_accelerator
+common.setup = setup_with_fsdp
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
