@@ -1,12 +1,8 @@
-"""What the three training scripts share, written once.
-
-Read a script first (train_classifier.py): its loop is the lesson. This module holds
-what surrounds every loop the same way: the flags, where outputs go (Google Drive in
-Colab), the Accelerator, data files, checkpoints with exact resume, the bookkeeping of
-a run (`Run`: progress, logging, saving, evaluating, keeping the best model), the
-evaluation loop and throughput, and one-line errors for bad input. Nothing here knows
-a script's model or data.
-"""
+"""What the three training scripts share, written once: flags, the output folder (Google
+Drive in Colab), the Accelerator, data files, checkpoints with exact resume, `Run` (the
+bookkeeping around each loop: progress, logging, saving, keeping the best model), the
+evaluation loop, throughput, and one-line errors. Read a script first: its loop is the
+lesson. Nothing here knows a script's model or data."""
 
 import argparse
 import atexit
@@ -36,17 +32,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 # Colab mounts Google Drive here; outputs default to a folder inside it.
-DRIVE_MOUNT = "/content/drive"
-DRIVE_ROOT = f"{DRIVE_MOUNT}/MyDrive"
-DRIVE_FOLDER = "lm-training"
-
+DRIVE_MOUNT, DRIVE_ROOT, DRIVE_FOLDER = "/content/drive", "/content/drive/MyDrive", "lm-training"
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete
 LOCK_FILE = ".lock"  # in --output_dir while a run uses it
 
-# ---------------------------------------------------------------------------
-# User errors: one line, exit code 2, no traceback.
-# ---------------------------------------------------------------------------
+# ---- User errors: one line, exit code 2, no traceback.
 
 
 class UserError(Exception):
@@ -95,13 +86,12 @@ def main_print(*args):
     PartialState().print(*args)
 
 
-# ---------------------------------------------------------------------------
-# Flags every script takes (names as in Hugging Face's examples).
-# ---------------------------------------------------------------------------
+# ---- Flags every script takes (names as in Hugging Face's examples).
 
 
-def build_parser(description, **defaults):
+def build_parser(docstring, **defaults):
     """The shared flags, with each script's `defaults`; the script adds its own flags."""
+    description = docstring.split("\n")[0]
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model_name_or_path", help="hub name or local folder of the model to start from")
@@ -143,22 +133,16 @@ def build_parser(description, **defaults):
 
 def check_args(args):
     """Settings that can never work get one clear line before anything is touched."""
-    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"]
-    positive += [
-        "keep_last",
-        "logging_steps",
-        "num_train_epochs" if args.max_train_steps is None else "max_train_steps",
-    ]
-    for name in positive:
+    length = "num_train_epochs" if args.max_train_steps is None else "max_train_steps"
+    sizes = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+    for name in (*sizes, length, "keep_last", "logging_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if not 0 < args.validation_split_percentage < 100:
         raise UserError("--validation_split_percentage must be between 1 and 99")
 
 
-# ---------------------------------------------------------------------------
-# Where outputs go, and one run per output folder.
-# ---------------------------------------------------------------------------
+# ---- Where outputs go, and one run per output folder.
 
 
 def in_colab():
@@ -188,10 +172,10 @@ def resolve_output_dir(args, script_name):
 
 class OutputLock:
     """One run per output folder: two runs writing checkpoints into one folder would wreck
-    each other's. The lock file names the host and process holding it and is touched every
-    HEARTBEAT seconds. A run killed with SIGKILL (or a vanished Colab runtime) cannot remove
-    it, so it is taken over when its process is gone (same machine) or its heartbeat is
-    older than STALE seconds (another machine, such as an earlier runtime on the same Drive)."""
+    each other's. The lock file names its host and process and is touched every HEARTBEAT
+    seconds. A run killed with SIGKILL (or a vanished Colab runtime) cannot remove it, so
+    it is taken over when its process is gone (same machine) or its heartbeat is older
+    than STALE seconds (another machine, such as an earlier runtime on the same Drive)."""
 
     HEARTBEAT, STALE = 20, 120
     held = None
@@ -206,7 +190,7 @@ class OutputLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(
-                f"cannot create --output_dir {self.path.parent} ({err.strerror}); pass a writable folder"
+                f"cannot create --output_dir {self.path.parent} ({err.strerror}); pass a writable one"
             ) from None
         for _ in range(3):
             try:
@@ -216,7 +200,7 @@ class OutputLock:
                 continue
             except OSError as err:
                 raise UserError(
-                    f"cannot write in --output_dir {self.path.parent} ({err.strerror}); pass a writable folder"
+                    f"cannot write in --output_dir {self.path.parent} ({err.strerror}); pass a writable one"
                 ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(self.me, f)
@@ -279,13 +263,10 @@ def process_exists(pid):
     return True
 
 
-# ---------------------------------------------------------------------------
-# Data files and data sets.
-# ---------------------------------------------------------------------------
+# ---- Data files and data sets.
 
 TEXT_EXTENSIONS = (".txt", ".raw", ".text")
-# Where a hub data set keeps its validation data (MNLI: validation_matched).
-VALIDATION_SPLITS = ("validation", "validation_matched", "valid", "dev")
+VALIDATION_SPLITS = ("validation", "validation_matched", "valid", "dev")  # MNLI: validation_matched
 
 
 def input_files(pattern, flag, extensions):
@@ -297,7 +278,7 @@ def input_files(pattern, flag, extensions):
     for path in paths:
         if path.is_dir():
             raise UserError(
-                f"{flag} {path} is a directory, not a file; pass the file itself (a glob such as '{path}/*' works)"
+                f"{flag} {path} is a directory, not a file; pass the file (a glob such as '{path}/*' works)"
             )
         if not path.is_file():
             raise UserError(f"file not found: {path}; check the path given to {flag}")
@@ -360,11 +341,10 @@ def load_hub_dataset(name, config_name=None):
 
 
 def load_text_data(args, keep_linebreaks=True):
-    """Train and validation `datasets.Dataset`s with one `text` row per line: local files
-    (--train_file, globs allowed) or a hub data set. keep_linebreaks leaves the "\\n" at
-    each line's end, as hub text sets such as WikiText have it, so packed text keeps its
-    lines. Without validation text, the last --validation_split_percentage of the lines
-    are held out (contiguous: held-out text is not interleaved with training text)."""
+    """Train and validation data sets with one `text` row per line, from local files (globs
+    allowed) or the hub. keep_linebreaks leaves each line's "\\n", as WikiText has it, so
+    packed text keeps its lines. Without validation text, the last
+    --validation_split_percentage of the lines are held out (contiguous, not interleaved)."""
     import datasets
 
     def load_files(pattern, flag):
@@ -402,10 +382,9 @@ def group_texts(examples, block_size):
 
 
 def make_dataloaders(args, accelerator, train_data, eval_data, collate_fn, sampler=None):
-    """The training DataLoader (shuffled, or in `sampler`'s order) and the evaluation one.
-    Shuffling draws from a generator of its own, never from the global random state
-    (dropout's, which checkpoints restore). On a GPU, worker processes build batches ahead
-    and pinned memory makes the copy to the GPU asynchronous."""
+    """The training DataLoader (shuffled, or in `sampler`'s order, with a generator of its
+    own: never the global random state that dropout uses and checkpoints restore) and the
+    evaluation one. On a GPU, worker processes and pinned memory keep the GPU fed."""
     workers = args.dataloader_num_workers
     if workers is None:
         workers = 2 if accelerator.device.type == "cuda" else 0
@@ -417,17 +396,14 @@ def make_dataloaders(args, accelerator, train_data, eval_data, collate_fn, sampl
     return train, DataLoader(eval_data, batch_size=args.per_device_eval_batch_size, **options)
 
 
-# ---------------------------------------------------------------------------
-# Device, precision, processes; optimizer and schedule.
-# ---------------------------------------------------------------------------
+# ---- Device, precision, processes; optimizer and schedule.
 
 
 def setup(args, script_name):
     """Check the flags, settle the output folder (args.output_dir: Drive in Colab), start
     the Accelerator (device, precision, processes), lock the folder, seed, start trackers."""
     check_args(args)
-    output_dir = resolve_output_dir(args, script_name)
-    args.output_dir = str(output_dir)
+    args.output_dir = str(resolve_output_dir(args, script_name))
     if torch.cuda.is_available():
         # TF32 matmuls: ~free speed on Ampere and newer, precision loss irrelevant for training.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -443,10 +419,9 @@ def setup(args, script_name):
         dynamo_backend="inductor" if args.torch_compile else "no",
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=str(output_dir),
+        project_dir=args.output_dir,
         # We step the scheduler once per optimizer step. Left to Accelerate, a prepared
-        # scheduler steps once per process, so warmup and decay would be counted in the
-        # wrong unit on several GPUs.
+        # scheduler steps once per process: warmup and decay counted in the wrong unit.
         step_scheduler_with_optimizer=False,
         # Each epoch's order depends only on (seed, epoch): a resumed run sees the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -457,7 +432,7 @@ def setup(args, script_name):
             f"{world_size} processes were launched but each runs alone; on CPU set "
             "ACCELERATE_USE_CPU=1 (or use `accelerate launch --cpu`)"
         )
-    lock_output_dir(accelerator, output_dir)
+    lock_output_dir(accelerator, args.output_dir)
     set_seed(args.seed)
     if args.report_to != "none":
         accelerator.init_trackers(script_name, config=vars(args))
@@ -466,7 +441,7 @@ def setup(args, script_name):
 
 def choose_mixed_precision(requested):
     """bf16 where the hardware has it, fp16 (with loss scaling) on older GPUs such as
-    Colab's T4, full precision on CPU. The flag, or `accelerate launch --mixed_precision`, wins."""
+    Colab's T4, none on CPU. The flag, or `accelerate launch --mixed_precision`, wins."""
     if requested != "auto":
         return requested
     if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
@@ -518,9 +493,7 @@ def training_steps(batches_per_epoch, args):
     return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
 
 
-# ---------------------------------------------------------------------------
-# Checkpoints: what a run has done, saved atomically, resumed exactly.
-# ---------------------------------------------------------------------------
+# ---- Checkpoints: what a run has done, saved atomically, resumed exactly.
 
 
 @dataclass
@@ -538,7 +511,7 @@ class TrainingState:
 
 
 # Flags that may change when a run resumes: how long it trains, how it saves, logs and
-# runs, not what it learns. Every other flag must match the checkpoint's (each script adds
+# runs, not what it learns. Every other flag must match the checkpoint's (a script adds
 # its harmless ones, such as its demo's prompt).
 MAY_CHANGE_ON_RESUME = """num_train_epochs max_train_steps early_stopping_patience output_dir drive
     checkpointing_steps save_every_minutes keep_last resume_from_checkpoint no_resume logging_steps
@@ -548,13 +521,12 @@ BATCH_GEOMETRY = ("num_processes", "per_device_train_batch_size", "gradient_accu
 
 
 class Checkpointer:
-    """Checkpoints in <output_dir>/checkpoints/step_N. Each is a folder that
-    `accelerator.save_state` writes (the model as safetensors, the optimizer, scheduler,
-    gradient scaler and sampler states, random_states_<process>.pkl for every process;
-    under FSDP or DeepSpeed, sub-folders of shards), plus training_state.json: the
-    progress (TrainingState), the settings and the size of every file. It is written
-    under a temporary name and renamed when whole, so a crash mid-save never leaves a
-    newest checkpoint that cannot load; one whose files do not have their sizes is skipped."""
+    """<output_dir>/checkpoints/step_N: folders that `accelerator.save_state` writes (the
+    model as safetensors, optimizer, scheduler, gradient scaler and sampler states,
+    random_states_<process>.pkl for each process; under FSDP or DeepSpeed, sub-folders of
+    shards) plus training_state.json: the progress, the settings and every file's size.
+    Written under a temporary name and renamed when whole, so a crash mid-save never
+    leaves a newest checkpoint that cannot load; one of the wrong sizes is skipped."""
 
     def __init__(self, accelerator, output_dir, args, settings, may_change=()):
         self.accelerator, self.args = accelerator, args
@@ -567,40 +539,35 @@ class Checkpointer:
     def resume(self):
         """Load the newest whole checkpoint (or --resume_from_checkpoint) into the prepared
         objects and return its TrainingState; a fresh one if there is none."""
-        if self.args.no_resume:
-            if self.accelerator.is_main_process:
+        acc, args = self.accelerator, self.args
+        if args.no_resume:
+            if acc.is_main_process:
                 delete_tree(self.dir)
-            self.accelerator.wait_for_everyone()
+            acc.wait_for_everyone()
             return TrainingState()
-        candidates = whole_checkpoints(self.dir, self.accelerator.print)
-        if self.args.resume_from_checkpoint:
-            wanted = Path(self.args.resume_from_checkpoint).resolve()
+        candidates = whole_checkpoints(self.dir, acc.print)
+        if args.resume_from_checkpoint:
+            wanted = Path(args.resume_from_checkpoint).resolve()
             candidates = [(m, p) for m, p in candidates if p.resolve() == wanted]
             if not candidates:
-                raise UserError(
-                    f"--resume_from_checkpoint {wanted} is not a complete checkpoint; pick one in {self.dir}"
-                )
+                raise UserError(f"--resume_from_checkpoint {wanted} is not a complete checkpoint in {self.dir}")
         failed = []
         for meta, path in reversed(candidates):
             saved = meta["fingerprint"]
-            check_settings(self.accelerator, saved, self.settings, path)
+            check_settings(acc, saved, self.settings, path)
             try:
-                load_checkpoint(
-                    self.accelerator, path, same_processes=saved["num_processes"] == self.accelerator.num_processes
-                )
+                load_checkpoint(acc, path, same_processes=saved["num_processes"] == acc.num_processes)
             except Exception as err:  # whole in size but unreadable, or not safe to unpickle
-                self.accelerator.print(
-                    f"warning: could not load checkpoint {path} ({first_line(err, 300)}); trying an older one"
-                )
+                acc.print(f"warning: could not load checkpoint {path} ({first_line(err, 300)}); trying an older one")
                 failed.append(path.name)
                 continue
             state = TrainingState(**meta["state"])
-            if saved["gradient_accumulation_steps"] != self.args.gradient_accumulation_steps:
+            if saved["gradient_accumulation_steps"] != args.gradient_accumulation_steps:
                 # The same global batch split otherwise: the same optimizer steps of this epoch are done.
                 steps_done = math.ceil(state.batch_in_epoch / saved["gradient_accumulation_steps"])
-                state.batch_in_epoch = steps_done * self.args.gradient_accumulation_steps
-            self.accelerator.step = state.batch_in_epoch  # Accelerate counts them to know when to step
-            self.accelerator.print(
+                state.batch_in_epoch = steps_done * args.gradient_accumulation_steps
+            acc.step = state.batch_in_epoch  # Accelerate counts micro-batches to know when to step
+            acc.print(
                 f"Resumed from {path}: epoch {state.epoch}, step {state.completed_steps}, "
                 f"batch {state.batch_in_epoch} of the epoch"
             )
@@ -626,14 +593,11 @@ class Checkpointer:
             if acc.is_main_process:
                 files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in tmp.rglob("*") if f.is_file()}
                 serial = max((m.get("serial", 0) for m, _ in whole_checkpoints(self.dir)), default=0) + 1
-                write_json(
-                    tmp / STATE_FILE,
-                    {"state": asdict(state), "fingerprint": self.settings, "files": files, "serial": serial},
-                )
-                for f in tmp.rglob("*"):
-                    if f.is_file():
-                        with open(f, "rb") as handle:
-                            os.fsync(handle.fileno())
+                meta = {"state": asdict(state), "fingerprint": self.settings, "files": files, "serial": serial}
+                write_json(tmp / STATE_FILE, meta)
+                for f in (f for f in tmp.rglob("*") if f.is_file()):
+                    with open(f, "rb") as handle:
+                        os.fsync(handle.fileno())
         except OSError:  # a full disk or Drive: drop the partial save; the older checkpoints stay
             if acc.is_main_process:
                 delete_tree(tmp)
@@ -653,8 +617,8 @@ class Checkpointer:
 
 
 def whole_checkpoints(folder, warn=None):
-    """(metadata, path) of every whole checkpoint in `folder`, oldest first; `warn` is told
-    of the damaged ones (a save killed halfway: files of the wrong size)."""
+    """(metadata, path) of each whole checkpoint in `folder`, oldest first; `warn` hears of
+    the damaged ones (a save killed halfway leaves files of the wrong size)."""
     found = []
     for path in folder.iterdir() if folder.is_dir() else []:
         if not path.is_dir() or path.name.startswith((".tmp", ".old")):
@@ -735,7 +699,7 @@ def batch_advice(global_batch, processes, per_device, accumulation):
 
 class StopSignals:
     """SIGTERM (a scheduler's preemption, Colab's stop button) and SIGINT (Ctrl-C) are only
-    noted: the run saves at its next optimizer step, then exits. A second one acts at once.
+    noted: the run saves at its next optimizer step, then exits; a second one acts at once.
     What the signals did before is given back when the run ends (run())."""
 
     received = None
@@ -805,24 +769,20 @@ def export_model(accelerator, model, tokenizer, path):
     accelerator.wait_for_everyone()
 
 
-# ---------------------------------------------------------------------------
-# A run: the bookkeeping around the loop, so each script shows only the loop.
-# ---------------------------------------------------------------------------
+# ---- A run: the bookkeeping around the loop, so that each script shows only the loop.
 
 
 class Run:
-    """Everything around a script's loop: resumes from the newest checkpoint, counts batches
-    and optimizer steps, logs (Progress) and saves when due, and at each epoch's end keeps
-    the best model and checkpoints. `settings` and `may_change` go to the resume check."""
+    """Resumes from the newest checkpoint; then counts batches and optimizer steps, logs
+    (Progress) and saves when due, and at each epoch's end keeps the best model and
+    checkpoints. `settings` and `may_change` go to the resume check (Checkpointer)."""
 
-    def __init__(
-        self, accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, may_change=()
-    ):
+    def __init__(self, accelerator, args, model, tokenizer, lr_scheduler, dataloader, flops, settings, may_change=()):
         self.accelerator, self.args, self.model, self.tokenizer = accelerator, args, model, tokenizer
         self.output_dir = Path(args.output_dir)
         self.best_dir = self.output_dir / "best"
         self.metric = getattr(args, "metric_for_best_model", "loss")  # picks best/; lower is better for a loss
-        self.steps_per_epoch, self.total_steps, self.num_epochs = training_steps(len(train_dataloader), args)
+        self.steps_per_epoch, self.total_steps, self.num_epochs = training_steps(len(dataloader), args)
         self.checkpointer = Checkpointer(accelerator, self.output_dir, args, settings, may_change)
         self.state = self.checkpointer.resume()
         StopSignals.catch()
@@ -842,11 +802,11 @@ class Run:
         done = self.state.batch_in_epoch
         for batch in self.accelerator.skip_first_batches(dataloader, done) if done else dataloader:
             if self.state.completed_steps >= self.total_steps:
-                return
+                break
             yield batch
         if self.state.batch_in_epoch >= len(dataloader):  # the epoch ran to its end
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
+            self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+        self.progress.throughput.pause()  # evaluating and saving are not training: out of tokens/s
 
     def log_and_save(self, loss, num_tokens):
         """After each batch: count it; after each optimizer step, log every --logging_steps
@@ -857,7 +817,9 @@ class Run:
             self.state.completed_steps += 1
             self.progress.step()
             if self.save_due():
-                self.save()
+                self.progress.throughput.pause()
+                self.checkpointer.save(self.state)  # exits here if a signal asked for the save
+                self.progress.throughput.resume()
 
     def end_epoch(self, metrics):
         """At an epoch's end: log the evaluation, export the model if it is the best so far,
@@ -868,7 +830,6 @@ class Run:
         value, best = metrics[self.metric], state.best_metric
         if best is None or (value < best if self.metric == "loss" else value > best):
             state.best_metric, state.best_step, state.evals_without_improvement = value, state.completed_steps, 0
-            self.progress.throughput.pause()  # exporting and saving are not training: out of tokens/s
             export_model(self.accelerator, self.model, self.tokenizer, self.best_dir)
             if self.accelerator.is_main_process:
                 write_json(self.output_dir / "eval_results.json", {"step": state.completed_steps, **metrics})
@@ -877,13 +838,13 @@ class Run:
             if patience and state.evals_without_improvement >= patience:
                 self.accelerator.print(f"No improvement in {self.metric} for {patience} evaluations: stopping early.")
                 state.stopped_early = True
-        self.save()
+        self.checkpointer.save(state)
+        self.progress.throughput.resume()
 
     def save_due(self):
-        """After an optimizer step: is a save due (steps, minutes, a signal)? Step saves are
-        the same on every process. The clock and signals are not, so with several processes
-        they are compared (a collective operation, which waits for the devices) only every
-        --logging_steps steps, when the loop syncs anyway."""
+        """Step saves are the same on every process. The clock and signals are not, so with
+        several processes they are compared (a collective operation, which waits for the
+        devices) only every --logging_steps steps, when the loop syncs anyway."""
         state, steps, minutes = self.state, self.args.checkpointing_steps, self.args.save_every_minutes
         by_steps = bool(steps and state.completed_steps % steps == 0)
         by_clock = bool(minutes and time.monotonic() - self.checkpointer.last_save_time >= 60 * minutes)
@@ -894,11 +855,6 @@ class Run:
             return by_steps
         flag = torch.tensor([float(due)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
-
-    def save(self):
-        self.progress.throughput.pause()
-        self.checkpointer.save(self.state)  # exits here if a signal asked for the save
-        self.progress.throughput.resume()
 
     def finish(self):
         """The end: peak GPU memory, log_history.json, loss.png and where the best model is.
@@ -956,8 +912,7 @@ class Progress:
         if self.run.state.completed_steps % self.run.args.logging_steps:
             return
         mean = self.accelerator.reduce(torch.stack(self.losses).float().mean(), reduction="mean").item()
-        metrics = {"train_loss": mean, "learning_rate": self.lr_scheduler.get_last_lr()[0]}
-        metrics |= self.throughput.report()
+        metrics = {"train_loss": mean, "learning_rate": self.lr_scheduler.get_last_lr()[0], **self.throughput.report()}
         self.log(metrics)
         self.losses = []
         postfix = {"loss": f"{mean:.4f}", "lr": f"{metrics['learning_rate']:.2e}"}
@@ -972,17 +927,15 @@ class Progress:
         self.accelerator.log(metrics, step=state.completed_steps)
 
 
-# ---------------------------------------------------------------------------
-# Evaluation, metrics, throughput, the loss curves.
-# ---------------------------------------------------------------------------
+# ---- Evaluation, metrics, throughput, the loss curves.
 
 
 @torch.no_grad()
 def evaluate(accelerator, model, dataloader, per_example):
     """`per_example(model, batch)` -> dict of tensors with one row per example, over the
-    whole dataloader and every process, as tensors. `gather_for_metrics` drops the examples
-    that the last batch repeats to keep processes even, so metrics are exact for any
-    number of processes; per-example values keep a small last batch from skewing means."""
+    whole dataloader and every process. `gather_for_metrics` drops the examples that the
+    last batch repeats to keep processes even, so metrics are exact for any number of
+    processes; per-example values keep a small last batch from skewing means."""
     model.eval()
     parts, dtypes = {}, {}
     for batch in dataloader:
@@ -1020,7 +973,7 @@ class Throughput:
     def __init__(self, accelerator, flops_per_token=None):
         self.accelerator, self.flops_per_token = accelerator, flops_per_token
         self.tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
-        self.start = time.perf_counter()
+        self.start = self.paused_at = time.perf_counter()
         peak = peak_flops(accelerator.device, accelerator.mixed_precision)
         self.peak = peak * accelerator.num_processes if peak else None  # each process has its own GPU
 

@@ -27,7 +27,7 @@ DEMO_FLAGS = ["prompt", "max_new_tokens", "top_k", "top_p", "temperature", "arch
 
 def parse_args(argv=None):
     parser = common.build_parser(
-        __doc__.split("\n")[0],
+        __doc__,
         model_name_or_path="gpt2",
         dataset_name="wikitext",
         dataset_config_name="wikitext-2-raw-v1",
@@ -51,9 +51,7 @@ def parse_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------
-# Data: tokenize once, pack into blocks.
-# ---------------------------------------------------------------------------
+# ---- Data: tokenize once, pack into blocks.
 
 
 def load_model(args):
@@ -112,9 +110,7 @@ def run_evaluation(accelerator, model, eval_dataloader):
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
-# ---------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------
+# ---- Training
 
 
 def train(args):

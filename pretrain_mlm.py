@@ -40,7 +40,7 @@ BYTE_SYMBOLS = 256  # a byte-level BPE starts from one symbol per byte
 
 def parse_args(argv=None):
     parser = common.build_parser(
-        __doc__.split("\n")[0],
+        __doc__,
         model_name_or_path=None,  # from scratch; a saved model folder continues its pretraining
         dataset_name="wikitext",
         dataset_config_name="wikitext-2-raw-v1",
@@ -81,9 +81,7 @@ def parse_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------
-# Tokenizer and model: byte-level BPE trained once and saved in --output_dir; RoBERTa.
-# ---------------------------------------------------------------------------
+# ---- Tokenizer and model: byte-level BPE trained once and saved in --output_dir; RoBERTa.
 
 
 def get_tokenizer(accelerator, texts, args):
@@ -128,24 +126,16 @@ def train_tokenizer(texts, args, output_dir):
 
 def new_model(args, tokenizer):
     """RobertaForMaskedLM from RobertaConfig, the tutorial's sizes unless flags say otherwise."""
+    sizes = ("max_position_embeddings", "num_attention_heads", "num_hidden_layers", "hidden_size", "intermediate_size")
+    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
+    special["eos_token_id"] = tokenizer.eos_token_id
     config = RobertaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=args.max_position_embeddings,
-        num_attention_heads=args.num_attention_heads,
-        num_hidden_layers=args.num_hidden_layers,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        type_vocab_size=1,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer), type_vocab_size=1, **{k: getattr(args, k) for k in sizes}, **special
     )
     return RobertaForMaskedLM(config)
 
 
-# ---------------------------------------------------------------------------
-# Data and masking
-# ---------------------------------------------------------------------------
+# ---- Data and masking
 
 
 def prepare_data(texts, tokenizer, args, split_name):
@@ -198,9 +188,7 @@ def run_evaluation(accelerator, model, eval_dataloader, masker, seed):
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
-# ---------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------
+# ---- Training
 
 
 def train(args):

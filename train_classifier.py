@@ -20,13 +20,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    pipeline,
-)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, pipeline
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import common
@@ -58,23 +52,19 @@ METRICS = {
 
 
 def parse_args(argv=None):
-    parser = common.build_parser(
-        __doc__.split("\n")[0],
-        model_name_or_path="bert-base-uncased",
-        dataset_name="nyu-mll/glue",
-        dataset_config_name="mrpc",
-    )
+    glue_mrpc = {
+        "model_name_or_path": "bert-base-uncased",
+        "dataset_name": "nyu-mll/glue",
+        "dataset_config_name": "mrpc",
+    }
+    parser = common.build_parser(__doc__, **glue_mrpc)
     a = parser.add_argument
     a("--text_columns", nargs="+", help="the text column, or two for sentence pairs (default: found by name)")
     a("--label_column", help="the label column (default: found by name)")
     a("--max_seq_length", type=int, default=128, help="truncate longer inputs to this many tokens")
     a("--pad_to_max_length", action="store_true", help="pad every batch to --max_seq_length (fixed shapes)")
     a("--group_by_length", action=argparse.BooleanOptionalAction, default=True, help="batch similar lengths together")
-    a(
-        "--metric_for_best_model",
-        choices=[*METRICS, "loss"],
-        help="picks best/ (default: accuracy; regression: pearsonr)",
-    )
+    a("--metric_for_best_model", choices=[*METRICS, "loss"], help="picks best/ (default: accuracy, or pearsonr)")
     a("--eval_only", action="store_true", help="only evaluate --model_name_or_path on the validation data")
     args = parser.parse_args(argv)
     if args.text_columns and len(args.text_columns) > 2:
@@ -82,9 +72,7 @@ def parse_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------
-# Data: GLUE's files, the hub's, any CSV/TSV/JSON; labels; length-grouped batches.
-# ---------------------------------------------------------------------------
+# ---- Data: GLUE's files, the hub's, any CSV/TSV/JSON; labels; length-grouped batches.
 
 
 def load_local_file(pattern, flag):
@@ -161,22 +149,21 @@ def load_data(args):
             raise common.UserError(f"{where['train']} has {len(train)} rows: too few to hold out validation data")
         split = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
         train, validation = split["train"], split["test"]
-    splits = {}
-    for split, data in (("train", train), ("validation", validation)):
+    splits = {"train": train, "validation": validation}
+    for split, data in splits.items():
         if len(data) == 0:
             raise common.UserError(f"{where[split]}: the {split} data is empty; give it some rows")
-        layout = find_columns(data, args, where[split])
-        if split == "validation" and layout != splits["train"][1]:
-            raise common.UserError(
-                f"{where[split]}: its columns {layout} differ from the training data's; use one layout"
-            )
-        data = data.select_columns([*layout[0], layout[1]]).rename_columns({layout[1]: "label"})
-        splits[split] = (drop_broken_rows(data, layout[0], where[split]), layout)
-    (train, (columns, label)), (validation, _) = splits["train"], splits["validation"]
-    if isinstance(train.features["label"], datasets.ClassLabel):  # hub data sets name their labels
-        label_names = train.features["label"].names
+    columns, label = find_columns(train, args, where["train"])
+    if find_columns(validation, args, where["validation"]) != (columns, label):
+        raise common.UserError(f"{where['validation']}: its columns differ from the training data's; use one layout")
+    for split, data in splits.items():
+        splits[split] = check_rows(
+            data.select_columns([*columns, label]).rename_columns({label: "label"}), columns, where[split]
+        )
+    if isinstance(splits["train"].features["label"], datasets.ClassLabel):  # hub data sets name their labels
+        train, validation, label_names = splits["train"], splits["validation"], splits["train"].features["label"].names
     else:
-        train, validation, label_names = encode_labels(train, validation, where)
+        train, validation, label_names = encode_labels(splits["train"], splits["validation"], where)
     train, validation = common.first_n(train, args.max_train_samples), common.first_n(validation, args.max_eval_samples)
     text = " + ".join(repr(c) for c in columns)
     common.main_print(
@@ -185,12 +172,19 @@ def load_data(args):
     return train, validation, columns, label, label_names
 
 
-def drop_broken_rows(data, columns, where):
+def check_rows(data, columns, where):
     """Rows with neither a label nor all their text are lines cut short (GLUE's QQP files
     have a few, where a question holds a line break): dropped, and said so. A row with its
-    text but no label is a mistake in the data: refused in encode_labels."""
-    rows = zip(data["label"], *(data[c] for c in columns))
-    broken = [i for i, (label, *texts) in enumerate(rows) if is_blank(label) and any(map(is_blank, texts))]
+    text but no label is a mistake in the data: refused."""
+    blank = [value is None or str(value).strip() == "" for value in data["label"]]
+    whole = [all(str(text or "").strip() for text in texts) for texts in zip(*(data[c] for c in columns))]
+    broken = [i for i, (b, w) in enumerate(zip(blank, whole)) if b and not w]
+    mistakes = [i for i, (b, w) in enumerate(zip(blank, whole)) if b and w]
+    if mistakes:
+        raise common.UserError(
+            f"{where}: {len(mistakes)} rows have an empty label (first: data row {mistakes[0] + 1}); "
+            "fill them in or remove those rows"
+        )
     if broken:
         common.main_print(
             f"note: {where}: skipped {len(broken)} broken row(s) with neither a label nor all their text "
@@ -200,21 +194,10 @@ def drop_broken_rows(data, columns, where):
     return data
 
 
-def is_blank(value):
-    return value is None or str(value).strip() == ""
-
-
 def encode_labels(train, validation, where):
     """Labels as the model wants them. Numbers with a fraction (STS-B's scores) are a
     regression target: float32, and no label names. Anything else (whole numbers, strings)
     is classification: ids 0..n-1 in sorted order, the names kept."""
-    for split, data in (("train", train), ("validation", validation)):
-        blanks = [i for i, v in enumerate(data["label"]) if is_blank(v)]
-        if blanks:
-            raise common.UserError(
-                f"{where[split]}: {len(blanks)} rows have an empty label (first: data row {blanks[0] + 1}); "
-                "fill them in or remove those rows"
-            )
     values = set(train["label"]) | set(validation["label"])
     if all(map(is_number, values)) and any(not float(v).is_integer() for v in values):
         label, names, encode = datasets.Value("float32"), None, {v: float(v) for v in values}
@@ -304,11 +287,6 @@ def load_model(args, label_names):
     tokenizer = common.from_pretrained(AutoTokenizer.from_pretrained, args.model_name_or_path, "tokenizer")
     if tokenizer.pad_token is None:  # GPT-style models have no padding token
         tokenizer.pad_token = tokenizer.eos_token
-    config = common.from_pretrained(AutoConfig.from_pretrained, args.model_name_or_path, "model configuration")
-    max_positions = getattr(config, "max_position_embeddings", None)
-    if max_positions and args.max_seq_length > max_positions:
-        common.main_print(f"note: the model has {max_positions} positions; using --max_seq_length {max_positions}")
-        args.max_seq_length = max_positions
     if label_names:
         head = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names))}
         head["label2id"] = {name: i for i, name in enumerate(label_names)}
@@ -318,6 +296,10 @@ def load_model(args, label_names):
         lambda name: AutoModelForSequenceClassification.from_pretrained(name, **head), args.model_name_or_path
     )
     model.config.pad_token_id = tokenizer.pad_token_id
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and args.max_seq_length > max_positions:
+        common.main_print(f"note: the model has {max_positions} positions; using --max_seq_length {max_positions}")
+        args.max_seq_length = max_positions
     kind = f"{len(label_names)} labels" if label_names else "regression"
     common.main_print(f"{args.model_name_or_path}: {model.num_parameters():,} parameters, {kind}")
     # Which evaluation metric picks best/: accuracy by default, pearsonr for a regression.
@@ -331,9 +313,7 @@ def load_model(args, label_names):
     return tokenizer, model
 
 
-# ---------------------------------------------------------------------------
-# Evaluation: loss, accuracy and F1; or for a regression Pearson and Spearman correlation.
-# ---------------------------------------------------------------------------
+# ---- Evaluation: loss, accuracy and F1; or for a regression Pearson and Spearman correlation.
 
 
 def compute_metrics(predictions, references, num_labels):
@@ -366,9 +346,7 @@ def run_evaluation(accelerator, model, eval_dataloader, num_labels):
     return {"loss": loss, **compute_metrics(predictions.tolist(), out["labels"].tolist(), num_labels)}
 
 
-# ---------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------
+# ---- Training
 
 
 def train(args):
