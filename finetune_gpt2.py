@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_colla
 
 import common
 
-DEMO_FLAGS = ["prompt", "max_new_tokens", "top_k", "top_p", "temperature", "archive"]  # may change on resume
+# Flags that may change on resume, besides common.MAY_CHANGE_ON_RESUME: they only shape the final sample.
+MAY_CHANGE = ["prompt", "max_new_tokens", "top_k", "top_p", "temperature", "archive"]
 
 
 def parse_args(argv=None):
@@ -136,15 +137,15 @@ def train(args):
     lr_scheduler = common.make_scheduler(accelerator, optimizer, args, len(train_dataloader))
     # Resume from the newest checkpoint in --output_dir, if it was made with these settings.
     settings = {"block_size": block_size, "vocab_size": len(tokenizer), "train_blocks": len(train_data)}
-    run = common.Run(accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, DEMO_FLAGS)
+    run = common.Run(accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, MAY_CHANGE)
 
     model.train()
     for epoch in run.epochs():
         train_dataloader.set_epoch(epoch)  # the epoch's shuffle depends only on the seed and the epoch
         for batch in run.batches(train_dataloader):  # without those a resumed run already trained on
             with accelerator.accumulate(model):  # the optimizer steps every --gradient_accumulation_steps
-                # The labels are the inputs: the model shifts them by one position itself.
-                outputs = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
+                # this script: the labels are the inputs (the model shifts them by one position itself)
+                outputs = model(input_ids=batch["input_ids"], labels=batch["input_ids"])  # this script
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -152,8 +153,8 @@ def train(args):
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     lr_scheduler.step()  # once per optimizer step (fp16 may skip a step on overflow)
                 optimizer.zero_grad()
-            run.log_and_save(outputs.loss, batch["input_ids"].numel())  # every token is real: no padding
-        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # keep the best; checkpoint
+            run.log_and_save(outputs.loss, batch["input_ids"].numel())  # this script: every token is real
+        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
 
     if run.finish():
         generate_sample(args, run.best_dir, run.output_dir / "samples.txt", accelerator.device)

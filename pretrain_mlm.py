@@ -36,6 +36,7 @@ import common
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 BYTE_SYMBOLS = 256  # a byte-level BPE starts from one symbol per byte
+MAY_CHANGE = ["fill_mask_prompt"]  # flags that may change on resume, besides common.MAY_CHANGE_ON_RESUME
 
 
 def parse_args(argv=None):
@@ -160,26 +161,29 @@ def prepare_data(texts, tokenizer, args, split_name):
     return data.with_format("torch")
 
 
-def mask_tokens(masker, batch, generator=None):
-    """DataCollatorForLanguageModeling's masking (of the maskable tokens, --mlm_probability:
-    80% become <mask>, 10% a random token, 10% stay; only those are predicted).
-
-    It runs here, in the loop, on the CPU batch, drawing from the global random state that
-    checkpoints save and restore, so a resumed run masks exactly as an uninterrupted one.
-    (Masking inside the DataLoader would draw ahead of training: Accelerate prefetches a
-    batch.) Evaluation passes its own fixed generator."""
+def mask_tokens(masker, batch, device, generator=None):
+    """The model's inputs: DataCollatorForLanguageModeling's masking (of the maskable tokens,
+    --mlm_probability: 80% become <mask>, 10% a random token, 10% stay; only those are
+    predicted), moved to the device. It runs in the loop, on the CPU batch, drawing from
+    the global random state that checkpoints save and restore, so a resumed run masks
+    exactly as an uninterrupted one (inside the DataLoader it would draw ahead of training:
+    Accelerate prefetches a batch). Evaluation passes its own fixed generator."""
     masker.generator = generator
-    return masker.torch_mask_tokens(batch["input_ids"].clone(), special_tokens_mask=batch["special_tokens_mask"])
+    input_ids, labels = masker.torch_mask_tokens(
+        batch["input_ids"].clone(), special_tokens_mask=batch["special_tokens_mask"]
+    )
+    inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "labels": labels}
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
 def run_evaluation(accelerator, model, eval_dataloader, masker, seed):
     """Masked-LM loss per masked token, with the same masks at every evaluation."""
     generator = torch.Generator().manual_seed(seed)
-    device = accelerator.device
 
     def per_example(model, batch):
-        input_ids, labels = (t.to(device) for t in mask_tokens(masker, batch, generator))
-        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+        inputs = mask_tokens(masker, batch, accelerator.device, generator)
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits
         losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
         return {"loss_sum": losses.sum(dim=1), "masked": (labels != -100).sum(dim=1)}
 
@@ -220,23 +224,15 @@ def train(args):
     lr_scheduler = common.make_scheduler(accelerator, optimizer, args, len(train_dataloader))
     # Resume from the newest checkpoint in --output_dir, if it was made with these settings.
     settings = {"tokenizer_sha256": tokenizer_hash(args), "train_samples": len(train_data)}
-    run = common.Run(
-        accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, ["fill_mask_prompt"]
-    )
+    run = common.Run(accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, MAY_CHANGE)
 
-    device = accelerator.device
     model.train()
     for epoch in run.epochs():
         train_dataloader.set_epoch(epoch)  # the epoch's shuffle depends only on the seed and the epoch
         for batch in run.batches(train_dataloader):  # without those a resumed run already trained on
-            input_ids, labels = mask_tokens(masker, batch)  # <- special to masked LM: the labels are made here
-            attention_mask = batch["attention_mask"]
             with accelerator.accumulate(model):  # the optimizer steps every --gradient_accumulation_steps
-                outputs = model(
-                    input_ids=input_ids.to(device, non_blocking=True),
-                    attention_mask=attention_mask.to(device, non_blocking=True),
-                    labels=labels.to(device, non_blocking=True),
-                )
+                # this script: masking makes the inputs and the labels (see mask_tokens)
+                outputs = model(**mask_tokens(masker, batch, accelerator.device))  # this script
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -244,11 +240,11 @@ def train(args):
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     lr_scheduler.step()  # once per optimizer step (fp16 may skip a step on overflow)
                 optimizer.zero_grad()
-            run.log_and_save(outputs.loss, attention_mask.sum().to(device))  # real tokens, not padding
-        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader, masker, args.seed))
+            run.log_and_save(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
+        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader, masker, args.seed))  # this script
 
     if run.finish():
-        fill_mask(run.best_dir, args.fill_mask_prompt, device)
+        fill_mask(run.best_dir, args.fill_mask_prompt, accelerator.device)
     return run.state
 
 

@@ -41,6 +41,7 @@ LAYOUTS = [
     (("text",), "label"),  # the usual CSV
     (("column4",), "column2"),  # CoLA files: no header row; source, label, original mark, sentence
 ]
+MAY_CHANGE = ["eval_only"]  # flags that may change on resume, besides common.MAY_CHANGE_ON_RESUME
 ID_NAME = re.compile(r"(.*[\s_#-])?(id|idx|index|guid)", re.IGNORECASE)  # never text
 # What each metric is without the hub: the same numbers as `evaluate`'s.
 METRICS = {
@@ -372,16 +373,14 @@ def train(args):
     lr_scheduler = common.make_scheduler(accelerator, optimizer, args, len(train_dataloader))
     # Resume from the newest checkpoint in --output_dir, if it was made with these settings.
     settings = {"columns": [*columns, label_column], "labels": label_names}
-    run = common.Run(
-        accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, ["eval_only"]
-    )
+    run = common.Run(accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, MAY_CHANGE)
 
     model.train()
     for epoch in run.epochs():
         train_dataloader.set_epoch(epoch)  # the epoch's shuffle depends only on the seed and the epoch
         for batch in run.batches(train_dataloader):  # without those a resumed run already trained on
             with accelerator.accumulate(model):  # the optimizer steps every --gradient_accumulation_steps
-                outputs = model(**batch)
+                outputs = model(**batch)  # this script: the batch holds the labels
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -389,8 +388,8 @@ def train(args):
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     lr_scheduler.step()  # once per optimizer step (fp16 may skip a step on overflow)
                 optimizer.zero_grad()
-            run.log_and_save(outputs.loss, batch["attention_mask"].sum())  # real tokens, not padding
-        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader, num_labels))  # keep the best; checkpoint
+            run.log_and_save(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
+        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader, num_labels))  # this script: its metrics
 
     if run.finish():
         show_predictions(run.best_dir, eval_data, columns, accelerator.device)

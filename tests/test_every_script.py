@@ -296,3 +296,37 @@ def test_bad_input_sweep(script, case, setups, full_runs, tmp_path, capsys):
     for word in expected:
         assert word in line, line
     assert helpers.digest(out) == before
+
+
+# ---------------------------------------------------------------------------
+# The loop is the lesson: the same skeleton, in plain sight, in every script.
+# ---------------------------------------------------------------------------
+
+
+def loop_of(script):
+    source = (helpers.REPO / f"{script}.py").read_text()
+    start = source.index("    model.train()\n")
+    return source[start : source.index("\n\n", source.index("run.end_epoch(", start))].splitlines()
+
+
+def test_the_three_loops_differ_only_where_marked():
+    """Every line of the loop is the same in the three scripts, comments included, but the
+    ones marked "this script" (the forward pass, what counts as a token, the evaluation)."""
+    loops = {script: loop_of(script) for script in SCRIPTS}
+    for script, loop in loops.items():
+        assert 3 <= sum("this script" in line for line in loop) <= 5, script
+    shared = [[line for line in loop if "this script" not in line] for loop in loops.values()]
+    assert shared[0] == shared[1] == shared[2]
+    skeleton = ["for epoch in", "set_epoch", "for batch in", "accumulate", "backward", "clip_grad_norm_"]
+    skeleton += ["optimizer.step()", "lr_scheduler.step()", "zero_grad()", "run.log_and_save", "run.end_epoch"]
+    text = "\n".join(loops["train_classifier"])
+    assert [text.index(step) for step in skeleton] == sorted(text.index(step) for step in skeleton)
+
+
+def test_each_train_function_fits_one_screen():
+    import ast
+
+    for script in SCRIPTS:
+        tree = ast.parse((helpers.REPO / f"{script}.py").read_text())
+        train = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train")
+        assert train.end_lineno - train.lineno + 1 <= 60, script
