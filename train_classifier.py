@@ -285,6 +285,14 @@ def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns
 def load_model(args, label_names):
     """The tokenizer, and the pretrained encoder with a new head: one output per label, or
     one output trained with mean-squared error for a regression."""
+    # Which evaluation metric picks best/: accuracy by default, pearsonr for a regression.
+    allowed = ["accuracy", "f1", "loss"] if label_names else ["pearsonr", "spearmanr", "loss"]
+    args.metric_for_best_model = args.metric_for_best_model or allowed[0]
+    if args.metric_for_best_model not in allowed:
+        raise common.UserError(
+            f"--metric_for_best_model {args.metric_for_best_model} does not apply to "
+            f"{'classification' if label_names else 'a regression (labels with fractions)'}; use {', '.join(allowed)}"
+        )
     tokenizer = common.from_pretrained(AutoTokenizer.from_pretrained, args.model_name_or_path, "tokenizer")
     if tokenizer.pad_token is None:  # GPT-style models have no padding token
         tokenizer.pad_token = tokenizer.eos_token
@@ -303,14 +311,6 @@ def load_model(args, label_names):
         args.max_seq_length = max_positions
     kind = f"{len(label_names)} labels" if label_names else "regression"
     common.main_print(f"{args.model_name_or_path}: {model.num_parameters():,} parameters, {kind}")
-    # Which evaluation metric picks best/: accuracy by default, pearsonr for a regression.
-    allowed = ["accuracy", "f1", "loss"] if label_names else ["pearsonr", "spearmanr", "loss"]
-    args.metric_for_best_model = args.metric_for_best_model or allowed[0]
-    if args.metric_for_best_model not in allowed:
-        raise common.UserError(
-            f"--metric_for_best_model {args.metric_for_best_model} does not apply to "
-            f"{'classification' if label_names else 'a regression (labels with fractions)'}; use {', '.join(allowed)}"
-        )
     return tokenizer, model
 
 
