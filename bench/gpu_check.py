@@ -230,7 +230,7 @@ def check_sharded(work, args, config, label):
     if first.returncode != 0:
         return [(f"{label} (configs/{config}), 1 GPU", "FAILED", last_line(first))]
     reported = json.loads((out / "eval_results.json").read_text())["loss"]
-    by_hand = gpt2_tests.hand_mean_token_loss(out / "best", args["finetune_gpt2.py"][5])
+    by_hand = gpt2_tests.hand_mean_token_loss(out / "best", work / "valid.txt")
     files = json.loads((newest_checkpoint(out) / "training_state.json").read_text())["files"]
     nested = sorted({name.split("/")[0] for name in files if "/" in name})
     more = run([*launch, *map(str, [*base, "--num_train_epochs", 3])])

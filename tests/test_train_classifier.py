@@ -281,31 +281,12 @@ def test_training_steps_arithmetic():
     assert common.training_steps(10, A) == (3, 7, 3)
 
 
-def torchrun(*args):
-    command = [
-        "torchrun",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(random.randint(20000, 40000)),
-        str(helpers.REPO / "train_classifier.py"),
-        *map(str, args),
-    ]
-    proc = subprocess.run(
-        command,
-        cwd=helpers.REPO,
-        env=helpers.offline_env(ACCELERATE_USE_CPU="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 def test_two_processes_train_and_evaluate_like_one(tiny_bert, toy_files, tmp_path):
     out = tmp_path / "two"
-    proc = torchrun(*argv(tiny_bert, *toy_files, out, "--num_train_epochs", 2, "--gradient_accumulation_steps", 3))
+    proc = helpers.torchrun(
+        "train_classifier.py",
+        *argv(tiny_bert, *toy_files, out, "--num_train_epochs", 2, "--gradient_accumulation_steps", 3),
+    )
     assert "x 2 process(es)" in proc.stdout
     # 400 rows / (16 per process x 2 processes) = 13 batches per process -> ceil(13 / 3) = 5 steps per epoch.
     state = newest_state(out)
@@ -319,7 +300,7 @@ def test_two_processes_train_and_evaluate_like_one(tiny_bert, toy_files, tmp_pat
     # split evenly, so the second process pads its last batch; the metrics must not notice.
     helpers.run_script("train_classifier.py", *argv(out / "best", *toy_files, tmp_path / "eval1", "--eval_only"))
     one = json.loads((tmp_path / "eval1" / "eval_results.json").read_text())
-    torchrun(*argv(out / "best", *toy_files, tmp_path / "eval2", "--eval_only"))
+    helpers.torchrun("train_classifier.py", *argv(out / "best", *toy_files, tmp_path / "eval2", "--eval_only"))
     two = json.loads((tmp_path / "eval2" / "eval_results.json").read_text())
     assert two == pytest.approx(one, rel=1e-6)
     assert one["accuracy"] == json.loads((out / "eval_results.json").read_text())["accuracy"]
