@@ -1,12 +1,10 @@
-"""What the three training scripts share, written once: flags, the output folder (Google
-Drive in Colab), the Accelerator, data files, checkpoints with exact resume, `Run` (the
-bookkeeping around each loop: progress, logging, saving, keeping the best model), the
-evaluation loop, throughput, and one-line errors. Read a script first: its loop is the
-lesson. Nothing here knows a script's model or data."""
+"""What the three training scripts share, written once: flags, the output folder (Google Drive in Colab), the
+Accelerator, data files, checkpoints with exact resume, `Run` (the bookkeeping around each loop: progress, logging,
+saving, keeping the best model), the evaluation loop, throughput, and one-line errors. Read a script first: its loop is
+the lesson. Nothing here knows a script's model or data."""
 
 import argparse
 import atexit
-import codecs
 import contextlib
 import errno
 import glob
@@ -22,53 +20,47 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 from accelerate.utils import load as accelerate_load
+from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 # Colab mounts Google Drive here; outputs default to a folder inside it.
 DRIVE_MOUNT, DRIVE_ROOT, DRIVE_FOLDER = "/content/drive", "/content/drive/MyDrive", "lm-training"
-CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete
 LOCK_FILE = ".lock"  # in --output_dir while a run uses it
-
-# ---- User errors: one line, exit code 2, no traceback.
 
 
 class UserError(Exception):
     """Bad input or a bad setting: the message names the problem and the fix."""
 
 
-# Errors of the disk, not of the program: a full disk or Drive quota, a read-only place.
-STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # a full disk or Drive quota, read-only
 
 
 def run(train_fn, parse_args, argv=None):
-    """train_fn(parse_args(argv)), with a UserError (or a full or unwritable disk) turned
-    into one line on stderr and exit code 2. The output folder's lock and the signal
-    handlers are given back however it ends (a notebook keeps its own Ctrl-C afterwards)."""
+    """train_fn(parse_args(argv)), with a UserError (or a full or unwritable disk) turned into one line on stderr and
+    exit code 2. The folder's lock and the signal handlers are given back however it ends (a notebook keeps Ctrl-C)."""
     try:
         return train_fn(parse_args(argv))
     except UserError as err:
-        user_error(str(err))
+        message = str(err)
     except OSError as err:
         if err.errno not in STORAGE_ERRORS:
             raise
-        user_error(
+        message = (
             f"cannot write {err.filename or 'the output'} ({err.strerror}); free some space or pass "
             "another --output_dir, then run the same command again (complete checkpoints are intact)"
         )
     finally:
         OutputLock.release_held()
         StopSignals.restore()
-
-
-def user_error(message):
     for bar in list(getattr(tqdm, "_instances", [])):
         bar.close()  # so the message starts on a line of its own
     print(f"error: {message}", file=sys.stderr)
@@ -81,16 +73,8 @@ def first_line(err, limit=200):
     return text.splitlines()[0][:limit] if text else type(err).__name__
 
 
-def main_print(*args):
-    """print() on the main process only, from anywhere once the Accelerator exists."""
-    PartialState().print(*args)
-
-
-# ---- Flags every script takes (names as in Hugging Face's examples).
-
-
 def build_parser(docstring, **defaults):
-    """The shared flags, with each script's `defaults`; the script adds its own flags."""
+    """The flags every script takes (names as in Hugging Face's examples), with its `defaults`; it adds its own."""
     description = docstring.split("\n")[0]
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -143,8 +127,6 @@ def check_args(args):
 
 
 # ---- Where outputs go, and one run per output folder.
-
-
 def in_colab():
     return "COLAB_RELEASE_TAG" in os.environ or "google.colab" in sys.modules
 
@@ -171,10 +153,9 @@ def resolve_output_dir(args, script_name):
 
 
 class OutputLock:
-    """One run per output folder: two runs writing checkpoints into one folder would wreck
-    each other's. The lock file names its host and process and is touched every HEARTBEAT
-    seconds. A run killed with SIGKILL (or a vanished Colab runtime) cannot remove it, so
-    it is taken over when its process is gone (same machine) or its heartbeat is older
+    """One run per output folder: two runs writing checkpoints into one folder would wreck each other's. The lock file
+    names its host and process and is touched every HEARTBEAT seconds. A run killed with SIGKILL (or a vanished Colab
+    runtime) cannot remove it, so it is taken over when its process is gone (same machine) or its heartbeat is older
     than STALE seconds (another machine, such as an earlier runtime on the same Drive)."""
 
     HEARTBEAT, STALE = 20, 120
@@ -186,24 +167,22 @@ class OutputLock:
         self.stop = threading.Event()
 
     def acquire(self):
+        folder = self.path.parent
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UserError(
-                f"cannot create --output_dir {self.path.parent} ({err.strerror}); pass a writable one"
-            ) from None
+            raise UserError(f"cannot create --output_dir {folder} ({err.strerror}); pass a writable one") from None
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                with open(self.path, "x") as f:  # "x": created only if there is none, atomically
+                    json.dump(self.me, f)
             except FileExistsError:
                 self.check_holder()
                 continue
             except OSError as err:
                 raise UserError(
-                    f"cannot write in --output_dir {self.path.parent} ({err.strerror}); pass a writable one"
+                    f"cannot write in --output_dir {folder} ({err.strerror}); pass a writable one"
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
             OutputLock.held = self
             threading.Thread(target=self.heartbeat, daemon=True).start()
             atexit.register(OutputLock.release_held)
@@ -259,27 +238,22 @@ def process_exists(pid):
     except ProcessLookupError:
         return False
     except (PermissionError, TypeError, ValueError):
-        return True  # someone else's, or unknown: assume alive
+        pass  # someone else's, or unknown: assume alive
     return True
 
 
 # ---- Data files and data sets.
-
-TEXT_EXTENSIONS = (".txt", ".raw", ".text")
 VALIDATION_SPLITS = ("validation", "validation_matched", "valid", "dev")  # MNLI: validation_matched
 
 
 def input_files(pattern, flag, extensions):
-    """The files a data flag names (a path, or a glob such as "books/*.txt"), each checked
-    to be a non-empty UTF-8 file with one of `extensions`."""
+    """The files a data flag names (a path or a glob: "books/*.txt"), each non-empty UTF-8 with one of `extensions`."""
     paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [Path(pattern)]
     if not paths:
         raise UserError(f"file not found: no file matches {pattern}; check the path or pattern given to {flag}")
     for path in paths:
         if path.is_dir():
-            raise UserError(
-                f"{flag} {path} is a directory, not a file; pass the file (a glob such as '{path}/*' works)"
-            )
+            raise UserError(f"{flag} {path} is a directory, not a file; pass the file (a glob like '{path}/*' works)")
         if not path.is_file():
             raise UserError(f"file not found: {path}; check the path given to {flag}")
         if path.suffix.lower() not in extensions:
@@ -292,27 +266,24 @@ def input_files(pattern, flag, extensions):
 
 def check_utf8(path, flag):
     """Text must be UTF-8; say where it is not (a Latin-1 or Windows-1252 file, usually)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line, offset = 1, 0
+    offset = 0
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        for number, line in enumerate(f, 1):  # line by line: b"\n" is never part of a longer UTF-8 character
             try:
-                decoder.decode(chunk)
+                line.decode("utf-8")
             except UnicodeDecodeError as err:
-                line += chunk[: err.start].count(b"\n")
                 raise UserError(
-                    f"{flag} {path} is not UTF-8 text (byte 0x{chunk[err.start]:02x} at offset {offset + err.start}, "
-                    f"line {line}); convert it, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8.txt`"
+                    f"{flag} {path} is not UTF-8 text (byte 0x{line[err.start]:02x} at offset {offset + err.start}, "
+                    f"line {number}); convert it, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8.txt`"
                 ) from None
-            line += chunk.count(b"\n")
-            offset += len(chunk)
+            offset += len(line)
 
 
-def from_pretrained(loader, name, what="model"):
-    """`loader(name)` (an AutoModel/AutoTokenizer `from_pretrained`), with one clear line
-    when `name` is neither a model folder nor a hub name that can be reached."""
+def from_pretrained(auto_class, name, what="model", **options):
+    """`auto_class.from_pretrained(name, **options)` (an AutoModel... or AutoTokenizer), with one clear line when `name`
+    is neither a model folder nor a hub name that can be reached."""
     try:
-        return loader(name)
+        return auto_class.from_pretrained(name, **options)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(
             f"--model_name_or_path {name}: cannot load a {what} from it ({first_line(err)}); pass a hub name, "
@@ -323,13 +294,9 @@ def from_pretrained(loader, name, what="model"):
 def load_hub_dataset(name, config_name=None):
     """The train split and the validation split (None if there is none) of a hub data set
     or of a folder saved with `save_to_disk`; one clear line when it cannot be had."""
-    import datasets
-
     try:
-        if (Path(name) / "dataset_dict.json").exists():
-            raw = datasets.load_from_disk(name)
-        else:
-            raw = datasets.load_dataset(name, config_name)
+        saved = (Path(name) / "dataset_dict.json").exists()  # a folder written by save_to_disk
+        raw = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, config_name)
     except (OSError, ValueError) as err:  # OSError: FileNotFoundError and network errors
         raise UserError(
             f"--dataset_name {name}: cannot load it ({first_line(err)}); check the name and the network, "
@@ -341,14 +308,12 @@ def load_hub_dataset(name, config_name=None):
 
 
 def load_text_data(args, keep_linebreaks=True):
-    """Train and validation data sets with one `text` row per line, from local files (globs
-    allowed) or the hub. keep_linebreaks leaves each line's "\\n", as WikiText has it, so
-    packed text keeps its lines. Without validation text, the last
-    --validation_split_percentage of the lines are held out (contiguous, not interleaved)."""
-    import datasets
+    """Train and validation data sets with one `text` row per line, from local files (globs allowed) or the hub.
+    keep_linebreaks leaves each line's "\\n", as WikiText has it, so packed text keeps its lines. Without validation
+    text, the last --validation_split_percentage of the lines are held out (contiguous, not interleaved)."""
 
     def load_files(pattern, flag):
-        files = input_files(pattern, flag, TEXT_EXTENSIONS)
+        files = input_files(pattern, flag, (".txt", ".raw", ".text"))
         return datasets.load_dataset("text", data_files=files, split="train", keep_linebreaks=keep_linebreaks)
 
     if args.train_file:
@@ -373,23 +338,19 @@ def first_n(data, count):
 
 
 def group_texts(examples, block_size):
-    """For `Dataset.map(batched=True)`: concatenate a batch of token lists and cut it into
-    blocks of exactly `block_size` tokens, so no compute goes to padding. The tail that
-    does not fill a block is dropped; map with batch_size=None to drop only the last one."""
+    """For `Dataset.map(batched=True)`: concatenate a batch of token lists and cut it into blocks of exactly
+    `block_size` tokens, so no compute goes to padding. The tail short of a block is dropped (batch_size=None: one)."""
     concatenated = {k: [t for seq in examples[k] for t in seq] for k in examples}
     total = (len(next(iter(concatenated.values()))) // block_size) * block_size
     return {k: [seq[i : i + block_size] for i in range(0, total, block_size)] for k, seq in concatenated.items()}
 
 
 def make_dataloaders(args, accelerator, train_data, eval_data, collate_fn, sampler=None):
-    """The training DataLoader (shuffled, or in `sampler`'s order, with a generator of its
-    own: never the global random state that dropout uses and checkpoints restore) and the
-    evaluation one. On a GPU, worker processes and pinned memory keep the GPU fed."""
-    workers = args.dataloader_num_workers
-    if workers is None:
-        workers = 2 if accelerator.device.type == "cuda" else 0
-    options = {"collate_fn": collate_fn, "num_workers": workers, "persistent_workers": workers > 0}
-    options["pin_memory"] = accelerator.device.type == "cuda"
+    """The training DataLoader (shuffled, or in `sampler`'s order, with a generator of its own: never the global random
+    state that dropout uses and checkpoints restore), and the evaluation one. GPU: workers and pinned memory help."""
+    on_gpu = accelerator.device.type == "cuda"
+    workers = (2 if on_gpu else 0) if args.dataloader_num_workers is None else args.dataloader_num_workers
+    options = dict(collate_fn=collate_fn, num_workers=workers, persistent_workers=workers > 0, pin_memory=on_gpu)
     order = {"sampler": sampler} if sampler else {"shuffle": True}
     generator = torch.Generator().manual_seed(args.seed)
     train = DataLoader(train_data, batch_size=args.per_device_train_batch_size, generator=generator, **order, **options)
@@ -397,20 +358,16 @@ def make_dataloaders(args, accelerator, train_data, eval_data, collate_fn, sampl
 
 
 # ---- Device, precision, processes; optimizer and schedule.
-
-
 def setup(args, script_name):
     """Check the flags, settle the output folder (args.output_dir: Drive in Colab), start
     the Accelerator (device, precision, processes), lock the folder, seed, start trackers."""
     check_args(args)
     args.output_dir = str(resolve_output_dir(args, script_name))
     if torch.cuda.is_available():
-        # TF32 matmuls: ~free speed on Ampere and newer, precision loss irrelevant for training.
+        # TF32 matmuls: ~free speed on Ampere and newer, precision loss irrelevant for training (cuDNN has it already).
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    # Accelerate keeps its settings in process-wide state that the first Accelerator fixes:
-    # a second run in one Python process (a notebook calling main() twice) would keep the
-    # first run's precision and compilation. Clear them; the process group stays.
+    # Accelerate keeps process-wide state that the first Accelerator fixes: a second run in one Python process (a
+    # notebook calling main() twice) would keep the first run's precision and compilation. Clear it, not the processes.
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(
@@ -420,8 +377,7 @@ def setup(args, script_name):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
-        # We step the scheduler once per optimizer step. Left to Accelerate, a prepared
-        # scheduler steps once per process: warmup and decay counted in the wrong unit.
+        # One scheduler step per optimizer step; Accelerate's default (one per process) would miscount warmup and decay.
         step_scheduler_with_optimizer=False,
         # Each epoch's order depends only on (seed, epoch): a resumed run sees the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -459,8 +415,7 @@ def lock_output_dir(accelerator, output_dir):
             OutputLock(output_dir).acquire()
         except UserError as err:
             error = [str(err)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(error)
+    broadcast_object_list(error)  # from the main process to the others (nothing to do alone)
     if error[0] is not None:
         if accelerator.is_main_process:
             raise UserError(error[0])
@@ -485,17 +440,14 @@ def make_scheduler(accelerator, optimizer, args, batches_per_epoch):
 
 
 def training_steps(batches_per_epoch, args):
-    """Optimizer steps per epoch, in total, and the number of epochs that takes.
-    `batches_per_epoch` is per process (the prepared dataloader's length); a partial
-    accumulation at the end of an epoch still makes an optimizer step."""
+    """Optimizer steps per epoch, in total, and the number of epochs that takes. `batches_per_epoch` is per process (the
+    prepared dataloader's length); a partial accumulation at the end of an epoch still makes an optimizer step."""
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
 
 
 # ---- Checkpoints: what a run has done, saved atomically, resumed exactly.
-
-
 @dataclass
 class TrainingState:
     """Where training stands, saved in every checkpoint (never guessed from folder names)."""
@@ -510,9 +462,8 @@ class TrainingState:
     log_history: list = field(default_factory=list)
 
 
-# Flags that may change when a run resumes: how long it trains, how it saves, logs and
-# runs, not what it learns. Every other flag must match the checkpoint's (a script adds
-# its harmless ones, such as its demo's prompt).
+# Flags that may change when a run resumes: how long it trains, how it saves, logs and runs, not what it learns. Every
+# other flag must match the checkpoint's (a script adds its harmless ones, such as its demo's prompt).
 MAY_CHANGE_ON_RESUME = """num_train_epochs max_train_steps early_stopping_patience output_dir drive
     checkpointing_steps save_every_minutes keep_last resume_from_checkpoint no_resume logging_steps
     report_to per_device_eval_batch_size dataloader_num_workers mixed_precision torch_compile""".split()
@@ -521,16 +472,14 @@ BATCH_GEOMETRY = ("num_processes", "per_device_train_batch_size", "gradient_accu
 
 
 class Checkpointer:
-    """<output_dir>/checkpoints/step_N: folders that `accelerator.save_state` writes (the
-    model as safetensors, optimizer, scheduler, gradient scaler and sampler states,
-    random_states_<process>.pkl for each process; under FSDP or DeepSpeed, sub-folders of
-    shards) plus training_state.json: the progress, the settings and every file's size.
-    Written under a temporary name and renamed when whole, so a crash mid-save never
-    leaves a newest checkpoint that cannot load; one of the wrong sizes is skipped."""
+    """<output_dir>/checkpoints/step_N: folders that `accelerator.save_state` writes (the model as safetensors,
+    optimizer, scheduler, gradient scaler and sampler states, random_states_<process>.pkl for each process; under FSDP
+    or DeepSpeed, sub-folders of shards) plus training_state.json: the progress, the settings and every file's size.
+    Written under a temporary name, renamed when whole: a crash mid-save never leaves a newest one that cannot load."""
 
     def __init__(self, accelerator, output_dir, args, settings, may_change=()):
         self.accelerator, self.args = accelerator, args
-        self.dir = Path(output_dir) / CHECKPOINTS
+        self.dir = Path(output_dir) / "checkpoints"
         harmless = set(MAY_CHANGE_ON_RESUME) | set(may_change)
         self.settings = {k: v for k, v in vars(args).items() if k not in harmless}
         self.settings.update(settings, num_processes=accelerator.num_processes)
@@ -637,10 +586,9 @@ def whole_checkpoints(folder, warn=None):
 
 
 def load_checkpoint(accelerator, path, same_processes=True):
-    """accelerator.load_state unpickles only tensors and plain data (torch's weights_only),
-    so a planted pickle cannot run code. It quietly skips random states it cannot load;
-    exact resume needs them, so they are checked first (on another number of processes, a
-    process without a file of its own keeps its seed)."""
+    """accelerator.load_state unpickles only tensors and plain data (torch's weights_only), so a planted pickle cannot
+    run code. It quietly skips random states it cannot load; exact resume needs them, so they are checked first (on
+    another number of processes, a process without a file of its own keeps its seed)."""
     rng_file = path / f"random_states_{accelerator.process_index}.pkl"
     if same_processes or rng_file.exists():
         try:
@@ -651,9 +599,8 @@ def load_checkpoint(accelerator, path, same_processes=True):
 
 
 def check_settings(accelerator, saved, current, path):
-    """Refuse a checkpoint made with settings that change what is learned. The batch may be
-    split otherwise (processes x per-device batch x accumulation) while its global size
-    stays: each optimizer step then sees the same examples as before."""
+    """Refuse a checkpoint made with settings that change what is learned. The batch may be split otherwise (processes x
+    per-device batch x accumulation) if its global size stays: each optimizer step then sees the same examples."""
     changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
     other = [c for c in changed if c.split(":")[0] not in BATCH_GEOMETRY]
     if other:
@@ -698,9 +645,8 @@ def batch_advice(global_batch, processes, per_device, accumulation):
 
 
 class StopSignals:
-    """SIGTERM (a scheduler's preemption, Colab's stop button) and SIGINT (Ctrl-C) are only
-    noted: the run saves at its next optimizer step, then exits; a second one acts at once.
-    What the signals did before is given back when the run ends (run())."""
+    """SIGTERM (a scheduler's preemption, Colab's stop button) and SIGINT (Ctrl-C) are only noted: the run saves at its
+    next optimizer step, then exits; a second one acts at once. run() gives back what the signals did before."""
 
     received = None
     previous = {}
@@ -740,19 +686,16 @@ def delete_tree(path):
 
 def swap_in(tmp, final):
     """Move a finished folder into place; the old one goes only once the new one is there."""
+    old = final.with_name(f".old-{final.name}")
     if final.exists():
-        old = final.with_name(f".old-{final.name}")
         final.rename(old)
-        tmp.rename(final)
-        delete_tree(old)
-    else:
-        tmp.rename(final)
+    tmp.rename(final)
+    delete_tree(old)
 
 
 def export_model(accelerator, model, tokenizer, path):
-    """Save a Hugging Face model folder (safetensors, config, tokenizer) that `from_pretrained`
-    and `pipeline` load, swapped in atomically. Every process takes part: under FSDP or
-    DeepSpeed ZeRO-3 each holds a shard, and `get_state_dict` gathers the full weights."""
+    """A model folder that `from_pretrained` and `pipeline` load, swapped in atomically. Every process takes part: under
+    FSDP or DeepSpeed ZeRO-3 each holds a shard, and `get_state_dict` gathers the full weights."""
     try:
         state_dict = accelerator.get_state_dict(model)
     except ValueError as err:  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save
@@ -769,13 +712,9 @@ def export_model(accelerator, model, tokenizer, path):
     accelerator.wait_for_everyone()
 
 
-# ---- A run: the bookkeeping around the loop, so that each script shows only the loop.
-
-
 class Run:
-    """Resumes from the newest checkpoint; then counts batches and optimizer steps, logs
-    (Progress) and saves when due, and at each epoch's end keeps the best model and
-    checkpoints. `settings` and `may_change` go to the resume check (Checkpointer)."""
+    """Resumes from the newest checkpoint; then counts batches and optimizer steps, logs (Progress) and saves when due,
+    and at each epoch's end keeps the best model and checkpoints. `settings`, `may_change`: see Checkpointer."""
 
     def __init__(self, accelerator, args, model, tokenizer, lr_scheduler, dataloader, flops, settings, may_change=()):
         self.accelerator, self.args, self.model, self.tokenizer = accelerator, args, model, tokenizer
@@ -793,7 +732,6 @@ class Run:
 
     def epochs(self):
         """The epochs still to train, from where a resumed run stands (none if it is finished)."""
-        announce(self)
         while not self.finished():
             yield self.state.epoch
 
@@ -809,8 +747,7 @@ class Run:
         self.progress.throughput.pause()  # evaluating and saving are not training: out of tokens/s
 
     def log_and_save(self, loss, num_tokens):
-        """After each batch: count it; after each optimizer step, log every --logging_steps
-        steps and checkpoint when due."""
+        """After each batch: count it; after each optimizer step: log every --logging_steps, checkpoint when due."""
         self.state.batch_in_epoch += 1
         self.progress.add(loss, num_tokens)
         if self.accelerator.sync_gradients:  # an optimizer step was taken (not just accumulated)
@@ -842,9 +779,8 @@ class Run:
         self.progress.throughput.resume()
 
     def save_due(self):
-        """Step saves are the same on every process. The clock and signals are not, so with
-        several processes they are compared (a collective operation, which waits for the
-        devices) only every --logging_steps steps, when the loop syncs anyway."""
+        """Step saves are the same on every process; the clock and signals are not, so with several processes they are
+        compared (a collective: it waits for the devices) only at logging steps, which wait for them anyway."""
         state, steps, minutes = self.state, self.args.checkpointing_steps, self.args.save_every_minutes
         by_steps = bool(steps and state.completed_steps % steps == 0)
         by_clock = bool(minutes and time.monotonic() - self.checkpointer.last_save_time >= 60 * minutes)
@@ -857,8 +793,7 @@ class Run:
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def finish(self):
-        """The end: peak GPU memory, log_history.json, loss.png and where the best model is.
-        True on the main process, which then shows the demo."""
+        """The end: peak GPU memory, log_history.json, loss.png, the best model. True on the main process (demo)."""
         self.progress.bar.close()
         self.accelerator.end_training()
         if self.accelerator.device.type == "cuda":
@@ -873,35 +808,31 @@ class Run:
         return True
 
 
-def announce(run):
-    """The line a run starts with: what it will train (with its global batch), or that it is done."""
-    args, acc = run.args, run.accelerator
-    if run.finished():
-        acc.print(
-            f"Training already finished in {run.output_dir} ({run.state.completed_steps} steps); "
-            "raise --num_train_epochs or --max_train_steps to train further."
-        )
-        return
-    batch = (args.per_device_train_batch_size, args.gradient_accumulation_steps, acc.num_processes)
-    acc.print(
-        f"Training for {run.num_epochs} epochs, {run.total_steps} optimizer steps ({run.steps_per_epoch} per epoch), "
-        f"global batch {math.prod(batch)} ({batch[0]} per device x {batch[1]} accumulated x {batch[2]} process(es)), "
-        f"{acc.device}, mixed precision: {acc.mixed_precision}"
-    )
-
-
 class Progress:
-    """What a run shows while it trains: the progress bar, and every --logging_steps steps
-    the training loss, learning rate, tokens/s and MFU, logged into the training state
-    (saved with checkpoints) and the trackers. The loss stays on the device until then:
-    .item() waits for the device, so it happens only every --logging_steps steps."""
+    """What a run shows while it trains: the progress bar, and every --logging_steps steps the training loss, learning
+    rate, tokens/s and MFU, logged into the training state (saved with checkpoints) and the trackers. The loss stays on
+    the device until then: .item() waits for the device, so it happens only every --logging_steps steps."""
 
     def __init__(self, accelerator, run, lr_scheduler, flops_per_token):
         self.accelerator, self.run, self.lr_scheduler = accelerator, run, lr_scheduler
+        # The line a run starts with: what it will train (with its global batch), or that it is done.
+        if run.finished():
+            accelerator.print(
+                f"Training already finished in {run.output_dir} ({run.state.completed_steps} steps); "
+                "raise --num_train_epochs or --max_train_steps to train further."
+            )
+        else:
+            args, processes = run.args, accelerator.num_processes
+            batch = (args.per_device_train_batch_size, args.gradient_accumulation_steps, processes)
+            accelerator.print(
+                f"Training for {run.num_epochs} epochs, {run.total_steps} optimizer steps ({run.steps_per_epoch} per "
+                f"epoch), global batch {math.prod(batch)} ({batch[0]} per device x {batch[1]} accumulated x {batch[2]} "
+                f"process(es)), {accelerator.device}, mixed precision: {accelerator.mixed_precision}"
+            )
         self.throughput = Throughput(accelerator, flops_per_token)
         self.losses = []
-        completed, disable = run.state.completed_steps, not accelerator.is_main_process
-        self.bar = tqdm(total=run.total_steps, initial=completed, disable=disable)
+        disable = not accelerator.is_main_process  # one bar, on the main process
+        self.bar = tqdm(total=run.total_steps, initial=run.state.completed_steps, disable=disable)
 
     def add(self, loss, num_tokens):
         self.losses.append(loss.detach())
@@ -928,21 +859,17 @@ class Progress:
 
 
 # ---- Evaluation, metrics, throughput, the loss curves.
-
-
 @torch.no_grad()
 def evaluate(accelerator, model, dataloader, per_example):
-    """`per_example(model, batch)` -> dict of tensors with one row per example, over the
-    whole dataloader and every process. `gather_for_metrics` drops the examples that the
-    last batch repeats to keep processes even, so metrics are exact for any number of
-    processes; per-example values keep a small last batch from skewing means."""
+    """`per_example(model, batch)` -> dict of tensors with one row per example, over the whole dataloader and every
+    process. `gather_for_metrics` drops the examples that the last batch repeats to keep processes even, so metrics are
+    exact for any number of processes; per-example values keep a small last batch from skewing means."""
     model.eval()
     parts, dtypes = {}, {}
     for batch in dataloader:
         for k, v in accelerator.gather_for_metrics(per_example(model, batch)).items():
-            # Python numbers, not many small CPU tensors: on a CPU those would sit between
-            # the freed big buffers of each batch (logits) and keep the allocator from
-            # returning them (GBs over a long evaluation).
+            # Python numbers, not many small CPU tensors: on a CPU those would sit between the freed big buffers of each
+            # batch (logits) and keep the allocator from returning them (GBs over a long evaluation).
             parts.setdefault(k, []).extend(v.cpu().tolist())
             dtypes[k] = v.dtype
     model.train()
@@ -953,12 +880,10 @@ def load_metric(name, fallback):
     """An `evaluate` metric's compute(), or `fallback` (the same numbers) when the hub
     cannot be reached: evaluate fetches metric code from the hub on first use."""
     if os.environ.get("HF_HUB_OFFLINE") != "1":
-        try:
+        with contextlib.suppress(Exception):  # no network: the fallback
             import evaluate
 
             return evaluate.load(name).compute
-        except Exception:
-            pass
     return fallback
 
 
@@ -987,26 +912,21 @@ class Throughput:
     def resume(self):
         self.start += time.perf_counter() - self.paused_at
 
-    def tokens_per_second(self):
+    def report(self):
+        """{"tokens_per_second": ..., and "mfu" (0..1) where the device's peak is known}, since the last report."""
         total = self.accelerator.reduce(self.tokens.clone(), reduction="sum").item()
-        elapsed = time.perf_counter() - self.start
+        out = {"tokens_per_second": total / max(time.perf_counter() - self.start, 1e-9)}
         self.tokens.zero_()
         self.start = time.perf_counter()
-        return total / max(elapsed, 1e-9)
-
-    def report(self):
-        """{"tokens_per_second": ..., and "mfu" (0..1) where the device's peak is known}."""
-        out = {"tokens_per_second": self.tokens_per_second()}
         if self.peak and self.flops_per_token:
             out["mfu"] = out["tokens_per_second"] * self.flops_per_token / self.peak
         return out
 
 
 def flops_per_token(model, seq_len):
-    """Training FLOPs per token as nanoGPT and the PaLM paper count them: 6 per weight in a
-    matrix product (2 forward, 4 backward), plus attention's 12 x layers x width x sequence
-    length. Embedding lookups are no matrix products; an output layer tied to the embeddings
-    is. Counted before `prepare`, while every weight is whole (FSDP and ZeRO-3 split them)."""
+    """Training FLOPs per token as nanoGPT and the PaLM paper count them: 6 per weight in a matrix product (2 forward,
+    4 backward), plus attention's 12 x layers x width x sequence length. Embedding lookups are no matrix products; an
+    output layer tied to the embeddings is. Counted before `prepare`, while weights are whole (FSDP, ZeRO-3 split)."""
     matmul = model.num_parameters(exclude_embeddings=True)
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
@@ -1031,9 +951,7 @@ PEAK_FLOPS = {
 
 
 def peak_flops(device, mixed_precision):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     for key, (half, tf32) in PEAK_FLOPS.items():
         if key in name:
             return half if mixed_precision in ("bf16", "fp16") else tf32
@@ -1041,27 +959,20 @@ def peak_flops(device, mixed_precision):
 
 
 def plot_history(log_history, path, eval_keys=("eval_loss",)):
-    """loss.png: the training loss and the eval metrics against optimizer steps; losses on
-    the left axis, other metrics (accuracy, perplexity, ...) on the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed (Colab subprocess, servers, CI)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    other = None
+    """loss.png: the training loss and the eval metrics against optimizer steps; losses on the left axis, other metrics
+    (accuracy, perplexity, ...) on the right. A bare Figure, without pyplot: no display needed."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for key in ("train_loss", *dict.fromkeys(eval_keys)):
         points = [(e["step"], e[key]) for e in log_history if key in e]
         if points and key.endswith("loss"):
             ax.plot(*zip(*points), "-" if key == "train_loss" else "o-", label=key.replace("_", " "))
-        elif points:
-            other = other or ax.twinx()
+        elif points:  # a metric that is no loss: on an axis of its own, on the right
+            other = ax.twinx()
             other.plot(*zip(*points), "s--", color="tab:green", label=key.replace("_", " "))
-            other.set_ylabel(key.replace("_", " "))
+            other.set(ylabel=key.replace("_", " "))
             other.legend(loc="upper right")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+    ax.set(xlabel="optimizer step", ylabel="loss")
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -5,19 +5,18 @@
     python finetune_gpt2.py --model_name_or_path outputs/finetune_gpt2/best ...   # continue a tuned model
     accelerate launch finetune_gpt2.py ...                   # any number of GPUs or TPU cores
 
-The text is tokenized once and packed into blocks of --block_size tokens: no padding,
-every position is a prediction. Each epoch reports the loss and the perplexity,
-exp(mean loss per predicted token); the best model goes to <output_dir>/best, and at the
-end a sample continues --prompt (saved to samples.txt). Re-running the same command
+The text is tokenized once and packed into blocks of --block_size tokens: no padding, every position is a prediction.
+Each epoch reports the loss and the perplexity, exp(mean loss per predicted token); the best model goes to
+<output_dir>/best, and at the end a sample continues --prompt (saved to samples.txt). Re-running the same command
 continues from the newest checkpoint in --output_dir.
 """
 
 import math
-import shutil
 import tarfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator, pipeline, set_seed
 
 import common
@@ -27,14 +26,8 @@ MAY_CHANGE = ["prompt", "max_new_tokens", "top_k", "top_p", "temperature", "arch
 
 
 def parse_args(argv=None):
-    parser = common.build_parser(
-        __doc__,
-        model_name_or_path="gpt2",
-        dataset_name="wikitext",
-        dataset_config_name="wikitext-2-raw-v1",
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-    )
+    defaults = {"model_name_or_path": "gpt2", "dataset_name": "wikitext", "dataset_config_name": "wikitext-2-raw-v1"}
+    parser = common.build_parser(__doc__, per_device_train_batch_size=4, per_device_eval_batch_size=8, **defaults)
     a = parser.add_argument
     a("--block_size", type=int, help="tokens per sample (default: the smaller of 1024 and the model's maximum)")
     a("--prompt", default="= Toronto Raptors =", help="text the sample at the end continues")
@@ -52,17 +45,14 @@ def parse_args(argv=None):
     return args
 
 
-# ---- Data: tokenize once, pack into blocks.
-
-
 def load_model(args):
-    tokenizer = common.from_pretrained(AutoTokenizer.from_pretrained, args.model_name_or_path, "tokenizer")
+    tokenizer = common.from_pretrained(AutoTokenizer, args.model_name_or_path, "tokenizer")
     if tokenizer.eos_token_id is None:
         raise common.UserError(
             f"the tokenizer of {args.model_name_or_path} has no end-of-text token (eos_token); give it one "
             "(e.g. '<|endoftext|>', as GPT-2's) or use a causal-LM tokenizer that has it"
         )
-    model = common.from_pretrained(AutoModelForCausalLM.from_pretrained, args.model_name_or_path)
+    model = common.from_pretrained(AutoModelForCausalLM, args.model_name_or_path)
     most = max_positions(model, tokenizer)
     if args.block_size is None:
         return tokenizer, model, min(1024, most)
@@ -75,8 +65,7 @@ def load_model(args):
 
 
 def max_positions(model, tokenizer):
-    """How many tokens the model sees at once: in its config (GPT-2), or for a model with no
-    position table (ALiBi, as BLOOM) its tokenizer's limit."""
+    """Tokens the model sees at once: in its config (GPT-2), or with no position table (ALiBi) its tokenizer's limit."""
     return getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
 
 
@@ -101,17 +90,12 @@ def run_evaluation(accelerator, model, eval_dataloader):
     def per_example(model, batch):
         logits = model(input_ids=batch["input_ids"]).logits.float()
         # Position t predicts token t+1: the model shifts the labels the same way.
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none"
-        )
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
         return {"loss_sum": losses.sum(dim=1), "tokens": torch.full_like(losses[:, 0], losses.shape[1])}
 
     out = common.evaluate(accelerator, model, eval_dataloader, per_example)
     loss = (out["loss_sum"].sum() / out["tokens"].sum()).item()  # the mean over tokens, not over batches
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-
-
-# ---- Training
 
 
 def train(args):
@@ -175,12 +159,10 @@ def generate_sample(args, model_dir, path, device):
         return None
     set_seed(args.seed)  # the same sample for the same model and settings
     sampling = {"do_sample": True, "top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
-    text = generator(
-        args.prompt,
-        max_new_tokens=min(args.max_new_tokens, room),
-        **(sampling if args.temperature > 0 else {"do_sample": False}),  # temperature 0: the likeliest token
-        pad_token_id=generator.tokenizer.eos_token_id,
-    )[0]["generated_text"]
+    if args.temperature == 0:
+        sampling = {"do_sample": False}  # always the likeliest token
+    length = {"max_new_tokens": min(args.max_new_tokens, room), "pad_token_id": generator.tokenizer.eos_token_id}
+    text = generator(args.prompt, **length, **sampling)[0]["generated_text"]
     print(f"\nSample from {model_dir}:\n{text}\n")
     path.write_text(text + "\n")
     return text
@@ -193,7 +175,7 @@ def archive(model_dir, output_dir):
     tmp = target.with_name(f".tmp-{target.name}")
     with tarfile.open(tmp, "w:gz") as tar:
         tar.add(model_dir, arcname=Path(output_dir).name)
-    shutil.move(tmp, target)
+    tmp.replace(target)
     print(f"Archived {model_dir} to {target}")
 
 

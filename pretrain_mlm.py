@@ -4,13 +4,12 @@
     python pretrain_mlm.py                                     # WikiText-2 raw from the hub
     accelerate launch pretrain_mlm.py ...                      # any number of GPUs or TPU cores
 
-1. Train a byte-level BPE tokenizer (RoBERTa's: <s> <pad> </s> <unk> <mask>) on the
-   training text and save it in --output_dir (a resumed run reuses it, never retrains).
+1. Train a byte-level BPE tokenizer (RoBERTa's: <s> <pad> </s> <unk> <mask>) on the training text and save it in
+   --output_dir (a resumed run reuses it, never retrains).
 2. Build RobertaForMaskedLM from RobertaConfig (the tutorial's sizes by default).
-3. Pack the text into blocks of --max_seq_length tokens (or --line_by_line), mask
-   --mlm_probability of the tokens, train; evaluate the masked-LM loss every epoch.
-4. Export the best model with the tokenizer to <output_dir>/best and fill in the
-   <mask> of --fill_mask_prompt.
+3. Pack the text into blocks of --max_seq_length tokens (or --line_by_line), mask --mlm_probability of the tokens,
+   train; evaluate the masked-LM loss every epoch.
+4. Export the best model with the tokenizer to <output_dir>/best and fill in the <mask> of --fill_mask_prompt.
 Re-running the same command continues from the newest checkpoint in --output_dir.
 """
 
@@ -40,15 +39,9 @@ MAY_CHANGE = ["fill_mask_prompt"]  # flags that may change on resume, besides co
 
 
 def parse_args(argv=None):
-    parser = common.build_parser(
-        __doc__,
-        model_name_or_path=None,  # from scratch; a saved model folder continues its pretraining
-        dataset_name="wikitext",
-        dataset_config_name="wikitext-2-raw-v1",
-        learning_rate=1e-4,
-        per_device_train_batch_size=32,
-        num_train_epochs=1,
-    )
+    # No --model_name_or_path: from scratch (a saved model folder continues its pretraining).
+    defaults = {"dataset_name": "wikitext", "dataset_config_name": "wikitext-2-raw-v1", "learning_rate": 1e-4}
+    parser = common.build_parser(__doc__, per_device_train_batch_size=32, num_train_epochs=1, **defaults)
     a = parser.add_argument
     a("--vocab_size", type=int, default=52_000, help="size of the BPE vocabulary to learn (at most)")
     a("--min_frequency", type=int, default=2, help="merge only pairs seen at least this often")
@@ -66,8 +59,8 @@ def parse_args(argv=None):
         raise common.UserError(
             f"--fill_mask_prompt {args.fill_mask_prompt!r} has no <mask>; put <mask> where the model should fill in"
         )
-    if args.vocab_size < len(SPECIAL_TOKENS) + BYTE_SYMBOLS:
-        smallest = len(SPECIAL_TOKENS) + BYTE_SYMBOLS
+    smallest = len(SPECIAL_TOKENS) + BYTE_SYMBOLS
+    if args.vocab_size < smallest:
         raise common.UserError(
             f"--vocab_size {args.vocab_size} is too small: the {len(SPECIAL_TOKENS)} special tokens and "
             f"{BYTE_SYMBOLS} byte symbols alone take {smallest}; use --vocab_size {smallest} or more"
@@ -82,14 +75,10 @@ def parse_args(argv=None):
     return args
 
 
-# ---- Tokenizer and model: byte-level BPE trained once and saved in --output_dir; RoBERTa.
-
-
 def get_tokenizer(accelerator, texts, args):
-    """The tokenizer of --model_name_or_path, or the one a resumed run saved in
-    --output_dir; else train one, on the main process while the others wait."""
+    """--model_name_or_path's tokenizer, or the one in --output_dir; else train one (main process, others wait)."""
     if args.model_name_or_path:
-        return common.from_pretrained(AutoTokenizer.from_pretrained, args.model_name_or_path, "tokenizer")
+        return common.from_pretrained(AutoTokenizer, args.model_name_or_path, "tokenizer")
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process and (args.no_resume or not (output_dir / "tokenizer.json").exists()):
         accelerator.print(f"Training a byte-level BPE tokenizer ({args.vocab_size:,} tokens) ...")
@@ -101,8 +90,8 @@ def get_tokenizer(accelerator, texts, args):
 
 
 def train_tokenizer(texts, args, output_dir):
-    """A byte-level BPE learned from the text, saved as RoBERTa's tokenizer: its special
-    tokens, and <s> text </s> around every sequence."""
+    """A byte-level BPE learned from the text, saved as RoBERTa's tokenizer: its special tokens, <s> text </s> around
+    every sequence."""
     bpe = ByteLevelBPETokenizer()
     lines = (line for line in texts["text"] if line.strip())
     bpe.train_from_iterator(
@@ -113,10 +102,8 @@ def train_tokenizer(texts, args, output_dir):
             f"note: the training text yields {bpe.get_vocab_size():,} tokens at --min_frequency {args.min_frequency}, "
             f"fewer than --vocab_size {args.vocab_size:,}: the tokenizer and the model use {bpe.get_vocab_size():,}"
         )
-    max_length = args.max_position_embeddings - 2
-    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, model_max_length=max_length)
-    # Written to a temporary folder, then moved in with tokenizer.json last: a kill midway
-    # never leaves a half tokenizer that a resumed run would take for whole.
+    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, model_max_length=args.max_position_embeddings - 2)
+    # Into a temporary folder, then moved in with tokenizer.json last: a kill midway never leaves a half tokenizer.
     tmp = output_dir / ".tmp-tokenizer"
     common.delete_tree(tmp)
     tokenizer.save_pretrained(tmp)
@@ -128,15 +115,10 @@ def train_tokenizer(texts, args, output_dir):
 def new_model(args, tokenizer):
     """RobertaForMaskedLM from RobertaConfig, the tutorial's sizes unless flags say otherwise."""
     sizes = ("max_position_embeddings", "num_attention_heads", "num_hidden_layers", "hidden_size", "intermediate_size")
-    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
-    special["eos_token_id"] = tokenizer.eos_token_id
-    config = RobertaConfig(
-        vocab_size=len(tokenizer), type_vocab_size=1, **{k: getattr(args, k) for k in sizes}, **special
-    )
+    config = RobertaConfig(vocab_size=len(tokenizer), type_vocab_size=1, **{k: getattr(args, k) for k in sizes})
+    config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
     return RobertaForMaskedLM(config)
-
-
-# ---- Data and masking
 
 
 def prepare_data(texts, tokenizer, args, split_name):
@@ -162,12 +144,11 @@ def prepare_data(texts, tokenizer, args, split_name):
 
 
 def mask_tokens(masker, batch, device, generator=None):
-    """The model's inputs: DataCollatorForLanguageModeling's masking (of the maskable tokens,
-    --mlm_probability: 80% become <mask>, 10% a random token, 10% stay; only those are
-    predicted), moved to the device. It runs in the loop, on the CPU batch, drawing from
-    the global random state that checkpoints save and restore, so a resumed run masks
-    exactly as an uninterrupted one (inside the DataLoader it would draw ahead of training:
-    Accelerate prefetches a batch). Evaluation passes its own fixed generator."""
+    """The model's inputs: DataCollatorForLanguageModeling's masking (of the maskable tokens, --mlm_probability: 80%
+    become <mask>, 10% a random token, 10% stay; only those are predicted), moved to the device. It runs in the loop, on
+    the CPU batch, drawing from the global random state that checkpoints save and restore, so a resumed run masks
+    exactly as an uninterrupted one (inside the DataLoader it would draw ahead of training: Accelerate prefetches a
+    batch). Evaluation passes its own fixed generator."""
     masker.generator = generator
     input_ids, labels = masker.torch_mask_tokens(
         batch["input_ids"].clone(), special_tokens_mask=batch["special_tokens_mask"]
@@ -192,9 +173,6 @@ def run_evaluation(accelerator, model, eval_dataloader, masker, seed):
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
-# ---- Training
-
-
 def train(args):
     accelerator = common.setup(args, "pretrain_mlm")
     with accelerator.main_process_first():
@@ -204,7 +182,7 @@ def train(args):
         train_data = prepare_data(train_text, tokenizer, args, "training")
         eval_data = prepare_data(eval_text, tokenizer, args, "validation")
     if args.model_name_or_path:
-        model = common.from_pretrained(AutoModelForMaskedLM.from_pretrained, args.model_name_or_path)
+        model = common.from_pretrained(AutoModelForMaskedLM, args.model_name_or_path)
     else:
         model = new_model(args, tokenizer)  # seeded by setup: the same start every time
     accelerator.print(

@@ -5,10 +5,9 @@
     python train_classifier.py --train_file reviews.csv --text_columns review --label_column stars
     accelerate launch train_classifier.py ...                     # any number of GPUs or TPU cores
 
-Local data is CSV, TSV or JSON lines; the text and label columns are found by name
-(LAYOUTS) or given by flag. Labels with fractions (STS-B's scores) make a regression.
-Re-running the same command continues from the newest checkpoint in --output_dir; the
-best model (by --metric_for_best_model) is exported to <output_dir>/best.
+Local data is CSV, TSV or JSON lines; the text and label columns are found by name (LAYOUTS) or given by flag. Labels
+with fractions (STS-B's scores) make a regression. Re-running the same command continues from the newest checkpoint in
+--output_dir; the best model (by --metric_for_best_model) is exported to <output_dir>/best.
 """
 
 import argparse
@@ -18,15 +17,15 @@ import re
 import datasets
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState  # print() on the main process only, from anywhere
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, pipeline
-from transformers.trainer_pt_utils import get_length_grouped_indices
+from transformers.trainer_pt_utils import LengthGroupedSampler as HFLengthGroupedSampler
 
 import common
 
-# Where the text and the label are, by column name: the first layout whose columns are
-# all there wins. GLUE's files as its download script writes them, and GLUE on the hub.
+# Text and label columns by name: the first layout whose columns are all there wins. GLUE's files, and GLUE on the hub.
 LAYOUTS = [
     # text column(s)                label
     (("sentence1", "sentence2"), "label"),  # MRPC, RTE, WNLI, STS-B on the hub; RTE, WNLI files
@@ -53,12 +52,8 @@ METRICS = {
 
 
 def parse_args(argv=None):
-    glue_mrpc = {
-        "model_name_or_path": "bert-base-uncased",
-        "dataset_name": "nyu-mll/glue",
-        "dataset_config_name": "mrpc",
-    }
-    parser = common.build_parser(__doc__, **glue_mrpc)
+    glue_mrpc = {"dataset_name": "nyu-mll/glue", "dataset_config_name": "mrpc"}
+    parser = common.build_parser(__doc__, model_name_or_path="bert-base-uncased", **glue_mrpc)
     a = parser.add_argument
     a("--text_columns", nargs="+", help="the text column, or two for sentence pairs (default: found by name)")
     a("--label_column", help="the label column (default: found by name)")
@@ -71,9 +66,6 @@ def parse_args(argv=None):
     if args.text_columns and len(args.text_columns) > 2:
         parser.error("--text_columns takes one column, or two for sentence pairs")
     return args
-
-
-# ---- Data: GLUE's files, the hub's, any CSV/TSV/JSON; labels; length-grouped batches.
 
 
 def load_local_file(pattern, flag):
@@ -110,9 +102,11 @@ def is_number(value):
     return True
 
 
-def find_columns(data, args, where):
-    """The text column(s) and the label column: the flags, else the first known layout,
-    else Hugging Face's rule made safer (the one or two columns that hold text, not ids)."""
+def find_columns(data, args, where, split):
+    """The text column(s) and the label column: the flags, else the first known layout, else Hugging Face's rule made
+    safer (the one or two columns that hold text, not ids)."""
+    if len(data) == 0:
+        raise common.UserError(f"{where}: the {split} data is empty; give it some rows")
     found = data.column_names
     for flag, names in (("--text_columns", args.text_columns or []), ("--label_column", [args.label_column])):
         missing = [name for name in names if name is not None and name not in found]
@@ -150,33 +144,28 @@ def load_data(args):
             raise common.UserError(f"{where['train']} has {len(train)} rows: too few to hold out validation data")
         split = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
         train, validation = split["train"], split["test"]
-    splits = {"train": train, "validation": validation}
-    for split, data in splits.items():
-        if len(data) == 0:
-            raise common.UserError(f"{where[split]}: the {split} data is empty; give it some rows")
-    columns, label = find_columns(train, args, where["train"])
-    if find_columns(validation, args, where["validation"]) != (columns, label):
+    columns, label = find_columns(train, args, where["train"], "train")
+    if find_columns(validation, args, where["validation"], "validation") != (columns, label):
         raise common.UserError(f"{where['validation']}: its columns differ from the training data's; use one layout")
-    for split, data in splits.items():
-        splits[split] = check_rows(
-            data.select_columns([*columns, label]).rename_columns({label: "label"}), columns, where[split]
-        )
-    if isinstance(splits["train"].features["label"], datasets.ClassLabel):  # hub data sets name their labels
-        train, validation, label_names = splits["train"], splits["validation"], splits["train"].features["label"].names
+    train = check_rows(train, columns, label, where["train"])
+    validation = check_rows(validation, columns, label, where["validation"])
+    if isinstance(train.features["label"], datasets.ClassLabel):  # hub data sets name their labels
+        label_names = train.features["label"].names
     else:
-        train, validation, label_names = encode_labels(splits["train"], splits["validation"], where)
+        train, validation, label_names = encode_labels(train, validation, where)
     train, validation = common.first_n(train, args.max_train_samples), common.first_n(validation, args.max_eval_samples)
     text = " + ".join(repr(c) for c in columns)
-    common.main_print(
+    PartialState().print(
         f"Data: {len(train):,} training and {len(validation):,} validation rows; text {text}, label '{label}'"
     )
     return train, validation, columns, label, label_names
 
 
-def check_rows(data, columns, where):
-    """Rows with neither a label nor all their text are lines cut short (GLUE's QQP files
-    have a few, where a question holds a line break): dropped, and said so. A row with its
-    text but no label is a mistake in the data: refused."""
+def check_rows(data, columns, label, where):
+    """The text columns and the label, renamed `label`. Rows with neither a label nor all their text are lines cut short
+    (GLUE's QQP files have a few, where a question holds a line break): dropped, and said so. A row with its text but no
+    label is a mistake in the data: refused."""
+    data = data.select_columns([*columns, label]).rename_columns({label: "label"})
     blank = [value is None or str(value).strip() == "" for value in data["label"]]
     whole = [all(str(text or "").strip() for text in texts) for texts in zip(*(data[c] for c in columns))]
     broken = [i for i, (b, w) in enumerate(zip(blank, whole)) if b and not w]
@@ -187,7 +176,7 @@ def check_rows(data, columns, where):
             "fill them in or remove those rows"
         )
     if broken:
-        common.main_print(
+        PartialState().print(
             f"note: {where}: skipped {len(broken)} broken row(s) with neither a label nor all their text "
             f"(first: data row {broken[0] + 1})"
         )
@@ -196,9 +185,8 @@ def check_rows(data, columns, where):
 
 
 def encode_labels(train, validation, where):
-    """Labels as the model wants them. Numbers with a fraction (STS-B's scores) are a
-    regression target: float32, and no label names. Anything else (whole numbers, strings)
-    is classification: ids 0..n-1 in sorted order, the names kept."""
+    """Labels as the model wants them. Numbers with a fraction (STS-B's scores) are a regression target: float32, no
+    label names. Anything else (whole numbers, strings) is classification: ids 0..n-1 in sorted order, names kept."""
     values = set(train["label"]) | set(validation["label"])
     if all(map(is_number, values)) and any(not float(v).is_integer() for v in values):
         label, names, encode = datasets.Value("float32"), None, {v: float(v) for v in values}
@@ -215,38 +203,30 @@ def encode_labels(train, validation, where):
         if len(names) < 2:
             raise common.UserError(f"{where['train']}: only one label ({names[0]!r}); classification needs two or more")
         label, encode = datasets.ClassLabel(names=names), {v: names.index(name[v]) for v in values}
-    features = train.features.copy()
-    features["label"] = label
+    features = datasets.Features({**train.features, "label": label})
+    train, validation = (
+        d.map(lambda batch: {"label": [encode[v] for v in batch["label"]]}, batched=True, features=features)
+        for d in (train, validation)
+    )
+    return train, validation, names
 
-    def to_ids(batch):
-        return {"label": [encode[v] for v in batch["label"]]}
 
-    return *(d.map(to_ids, batched=True, features=features) for d in (train, validation)), names
-
-
-class LengthGroupedSampler(torch.utils.data.Sampler):
-    """Shuffle, then sort each run of about 50 batches by length, so that a batch holds
-    examples of similar length and dynamic padding has little left to pad. The order
-    depends only on (seed, epoch), so a resumed run sees the same batches."""
+class LengthGroupedSampler(HFLengthGroupedSampler):
+    """Transformers' sampler (shuffle, then sort each run of about 50 batches by length: little left to pad), with an
+    order that depends only on (seed, epoch), so a resumed run sees the same batches."""
 
     def __init__(self, lengths, batch_size, seed):
-        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.set_epoch(0)
 
     def set_epoch(self, epoch):  # called through the prepared dataloader's set_epoch
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.lengths)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
 
 def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns):
-    """Tokenize once (batched, cached by `datasets`; a note says how many inputs
-    --max_seq_length cuts), and batch with dynamic padding: each batch is padded only to
-    its longest example, and examples of similar length are batched together."""
+    """Tokenize once (batched, cached by `datasets`; a note says how many inputs --max_seq_length cuts), and batch with
+    dynamic padding: each batch is padded only to its longest example, and similar lengths are batched together."""
 
     def tokenize(batch):
         encoded = tokenizer(*(batch[c] for c in columns), truncation=True, max_length=args.max_seq_length)
@@ -255,10 +235,7 @@ def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns
         return encoded
 
     with accelerator.main_process_first():
-        train_data, eval_data = (
-            data.map(tokenize, batched=True, remove_columns=[c for c in data.column_names if c != "label"])
-            for data in (train_data, eval_data)
-        )
+        train_data, eval_data = (d.map(tokenize, batched=True, remove_columns=columns) for d in (train_data, eval_data))
     if "truncated" in train_data.column_names:
         (cut, n), (eval_cut, eval_n) = ((sum(d["truncated"]), len(d)) for d in (train_data, eval_data))
         if cut or eval_cut:
@@ -270,21 +247,18 @@ def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns
     if args.pad_to_max_length:  # fixed shapes (what TPUs want), at the cost of computing on padding
         collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=args.max_seq_length)
     else:  # multiples of 8 let tensor cores work on GPUs under mixed precision
-        collator = DataCollatorWithPadding(
-            tokenizer, pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None
-        )
+        multiple = 8 if accelerator.mixed_precision != "no" else None
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
     sampler = None
     if args.group_by_length and not args.pad_to_max_length:
-        # Grouped by global batch (all processes, all accumulation steps): the same order for
-        # any split of it, so a run can resume on another number of processes.
+        # Grouped by global batch: the same order for any split of it (resuming on another number of processes).
         batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         sampler = LengthGroupedSampler([len(ids) for ids in train_data["input_ids"]], batch, args.seed)
     return common.make_dataloaders(args, accelerator, train_data, eval_data, collator, sampler)
 
 
 def load_model(args, label_names):
-    """The tokenizer, and the pretrained encoder with a new head: one output per label, or
-    one output trained with mean-squared error for a regression."""
+    """The tokenizer, and the pretrained encoder with a new head: one output per label, or one for a regression."""
     # Which evaluation metric picks best/: accuracy by default, pearsonr for a regression.
     allowed = ["accuracy", "f1", "loss"] if label_names else ["pearsonr", "spearmanr", "loss"]
     args.metric_for_best_model = args.metric_for_best_model or allowed[0]
@@ -293,7 +267,7 @@ def load_model(args, label_names):
             f"--metric_for_best_model {args.metric_for_best_model} does not apply to "
             f"{'classification' if label_names else 'a regression (labels with fractions)'}; use {', '.join(allowed)}"
         )
-    tokenizer = common.from_pretrained(AutoTokenizer.from_pretrained, args.model_name_or_path, "tokenizer")
+    tokenizer = common.from_pretrained(AutoTokenizer, args.model_name_or_path, "tokenizer")
     if tokenizer.pad_token is None:  # GPT-style models have no padding token
         tokenizer.pad_token = tokenizer.eos_token
     if label_names:
@@ -301,20 +275,15 @@ def load_model(args, label_names):
         head["label2id"] = {name: i for i, name in enumerate(label_names)}
     else:
         head = {"num_labels": 1, "problem_type": "regression"}
-    model = common.from_pretrained(
-        lambda name: AutoModelForSequenceClassification.from_pretrained(name, **head), args.model_name_or_path
-    )
+    model = common.from_pretrained(AutoModelForSequenceClassification, args.model_name_or_path, **head)
     model.config.pad_token_id = tokenizer.pad_token_id
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and args.max_seq_length > max_positions:
-        common.main_print(f"note: the model has {max_positions} positions; using --max_seq_length {max_positions}")
+        PartialState().print(f"note: the model has {max_positions} positions; using --max_seq_length {max_positions}")
         args.max_seq_length = max_positions
     kind = f"{len(label_names)} labels" if label_names else "regression"
-    common.main_print(f"{args.model_name_or_path}: {model.num_parameters():,} parameters, {kind}")
+    PartialState().print(f"{args.model_name_or_path}: {model.num_parameters():,} parameters, {kind}")
     return tokenizer, model
-
-
-# ---- Evaluation: loss, accuracy and F1; or for a regression Pearson and Spearman correlation.
 
 
 def compute_metrics(predictions, references, num_labels):
@@ -345,9 +314,6 @@ def run_evaluation(accelerator, model, eval_dataloader, num_labels):
         predictions = out["logits"].argmax(dim=-1)
         loss = F.cross_entropy(out["logits"], out["labels"]).item()
     return {"loss": loss, **compute_metrics(predictions.tolist(), out["labels"].tolist(), num_labels)}
-
-
-# ---- Training
 
 
 def train(args):
