@@ -277,8 +277,10 @@ def load_model(args, label_names):
         head = {"num_labels": 1, "problem_type": "regression"}
     model = common.from_pretrained(AutoModelForSequenceClassification, args.model_name_or_path, **head)
     model.config.pad_token_id = tokenizer.pad_token_id
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions and args.max_seq_length > max_positions:
+    max_positions = getattr(model.config, "max_position_embeddings", None) or args.max_seq_length
+    # Many hub tokenizers have no limit of their own: best/'s then cuts inputs to what the model takes (pipeline).
+    tokenizer.model_max_length = min(tokenizer.model_max_length, max_positions)
+    if args.max_seq_length > max_positions:
         PartialState().print(f"note: the model has {max_positions} positions; using --max_seq_length {max_positions}")
         args.max_seq_length = max_positions
     kind = f"{len(label_names)} labels" if label_names else "regression"

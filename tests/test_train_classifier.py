@@ -91,6 +91,19 @@ def test_exported_model_predicts_in_pipeline(trained):
     assert [p["label"] for p in predictions] == ["pos", "neg", "pos", "neg"]
 
 
+def test_inputs_longer_than_the_model_are_cut_to_its_positions(tiny_bert, tmp_path):
+    # The tiny BERT has 64 positions and its tokenizer no limit of its own, as many hub models: a long validation
+    # row must not crash the demo at the end, and best/ must cut long inputs for pipeline users too.
+    rows = helpers.toy_rows(40, seed=7)
+    rows[-1]["text"] = " ".join(["w1"] * 100 + ["good"])
+    train = helpers.write_csv(tmp_path / "train.csv", rows[:32])
+    dev = helpers.write_csv(tmp_path / "dev.csv", rows[32:])
+    train_classifier.main(argv(tiny_bert, train, dev, tmp_path / "out", "--max_train_steps", 2))
+    best = tmp_path / "out" / "best"
+    assert AutoTokenizer.from_pretrained(best).model_max_length == 64
+    assert pipeline("text-classification", model=str(best))(" ".join(["w2"] * 200), truncation=True)
+
+
 def test_metrics_equal_hand_computation(tiny_bert, toy_files, tmp_path):
     # A briefly trained model: imperfect predictions make accuracy and F1 informative.
     train_classifier.main(argv(tiny_bert, *toy_files, tmp_path / "brief", "--max_train_steps", 9))
