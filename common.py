@@ -815,7 +815,6 @@ class Progress:
 
     def __init__(self, accelerator, run, lr_scheduler, flops_per_token):
         self.accelerator, self.run, self.lr_scheduler = accelerator, run, lr_scheduler
-        # The line a run starts with: what it will train (with its global batch), or that it is done.
         if run.finished():
             accelerator.print(
                 f"Training already finished in {run.output_dir} ({run.state.completed_steps} steps); "
@@ -931,9 +930,8 @@ def flops_per_token(model, seq_len):
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
         matmul += head.weight.numel()
-    config = model.config
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
-    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    # Hugging Face configs map these names (GPT-2's n_layer, n_embd too); where one is missing, no attention term.
+    layers, width = getattr(model.config, "num_hidden_layers", 0), getattr(model.config, "hidden_size", 0)
     return 6 * matmul + 12 * layers * width * seq_len
 
 

@@ -39,7 +39,6 @@ MAY_CHANGE = ["fill_mask_prompt"]  # flags that may change on resume, besides co
 
 
 def parse_args(argv=None):
-    # No --model_name_or_path: from scratch (a saved model folder continues its pretraining).
     defaults = {"dataset_name": "wikitext", "dataset_config_name": "wikitext-2-raw-v1", "learning_rate": 1e-4}
     parser = common.build_parser(__doc__, per_device_train_batch_size=32, num_train_epochs=1, **defaults)
     a = parser.add_argument
