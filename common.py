@@ -349,7 +349,9 @@ def make_dataloaders(args, accelerator, train_data, eval_data, collate_fn, sampl
     """The training DataLoader (shuffled, or in `sampler`'s order, with a generator of its own: never the global random
     state that dropout uses and checkpoints restore), and the evaluation one. GPU: workers and pinned memory help."""
     on_gpu = accelerator.device.type == "cuda"
-    workers = (2 if on_gpu else 0) if args.dataloader_num_workers is None else args.dataloader_num_workers
+    workers = 2 if on_gpu else 0
+    if args.dataloader_num_workers is not None:
+        workers = args.dataloader_num_workers
     options = dict(collate_fn=collate_fn, num_workers=workers, persistent_workers=workers > 0, pin_memory=on_gpu)
     order = {"sampler": sampler} if sampler else {"shuffle": True}
     generator = torch.Generator().manual_seed(args.seed)

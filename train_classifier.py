@@ -308,7 +308,6 @@ def run_evaluation(accelerator, model, eval_dataloader, num_labels):
         return {"logits": logits.float(), "labels": batch["labels"]}
 
     out = common.evaluate(accelerator, model, eval_dataloader, per_example)
-    # The mean over examples, not over batches: a small last batch weighs what it holds.
     if num_labels == 1:  # a regression: the one output is the prediction
         predictions = out["logits"][:, 0]
         loss = F.mse_loss(predictions, out["labels"].float()).item()
