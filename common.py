@@ -546,8 +546,8 @@ class Checkpointer:
                 serial = max((m.get("serial", 0) for m, _ in whole_checkpoints(self.dir)), default=0) + 1
                 meta = {"state": asdict(state), "fingerprint": self.settings, "files": files, "serial": serial}
                 write_json(tmp / STATE_FILE, meta)
-                for f in (f for f in tmp.rglob("*") if f.is_file()):
-                    with open(f, "rb") as handle:
+                for file in [*files, STATE_FILE]:  # every file recorded, and the record: on disk before the rename
+                    with open(tmp / file, "rb") as handle:
                         os.fsync(handle.fileno())
         except OSError:  # a full disk or Drive: drop the partial save; the older checkpoints stay
             if acc.is_main_process:
