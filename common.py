@@ -22,14 +22,15 @@ from pathlib import Path
 
 import datasets
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, is_torch_xla_available, set_seed
 from accelerate.utils import load as accelerate_load
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 # Colab mounts Google Drive here; outputs default to a folder inside it.
 DRIVE_MOUNT, DRIVE_ROOT, DRIVE_FOLDER = "/content/drive", "/content/drive/MyDrive", "lm-training"
@@ -63,7 +64,8 @@ def run(train_fn, parse_args, argv=None):
         StopSignals.restore()
     for bar in list(getattr(tqdm, "_instances", [])):
         bar.close()  # so the message starts on a line of its own
-    print(f"error: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # several processes stop alike: the first one says why
+        print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2) from None
 
 
@@ -345,18 +347,57 @@ def group_texts(examples, block_size):
     return {k: [seq[i : i + block_size] for i in range(0, total, block_size)] for k, seq in concatenated.items()}
 
 
-def make_dataloaders(args, accelerator, train_data, eval_data, collate_fn, sampler=None):
-    """The training DataLoader (shuffled, or in `sampler`'s order, with a generator of its own: never the global random
-    state that dropout uses and checkpoints restore), and the evaluation one. GPU: workers and pinned memory help."""
+def global_batch_size(args, accelerator):
+    """Examples per optimizer step: per device x processes x accumulated micro-batches."""
+    return args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The training order. Each epoch's shuffle depends only on (seed, epoch): a resumed run sees the same batches. It
+    is padded with the epoch's first samples to a whole number of global batches, so every optimizer step sees one
+    full global batch, split any way over processes and accumulation: a run may resume on another split of the same
+    global batch and end at the same weights. (Without it, 2 processes would pad the last batch with repeated samples
+    while 1 process accumulating 2 would average a half batch.) Its own generator, never the global random state that
+    dropout uses and checkpoints restore."""
+
+    def __init__(self, num_samples, global_batch, seed):
+        self.num_samples, self.global_batch, self.seed, self.epoch = num_samples, global_batch, seed, 0
+
+    def set_epoch(self, epoch):  # called through the prepared dataloader's set_epoch
+        self.epoch = epoch
+
+    def shuffle(self, generator):
+        """This epoch's order of the samples (a subclass may group them)."""
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self):
+        order = torch.as_tensor(self.shuffle(torch.Generator().manual_seed(self.seed + self.epoch)))
+        padding = order[torch.arange(len(self) - len(order)) % len(order)]
+        for part in torch.cat([order, padding]).split(65_536):  # Python ints a slice at a time: constant memory
+            yield from part.tolist()
+
+    def __len__(self):
+        return math.ceil(self.num_samples / self.global_batch) * self.global_batch
+
+
+def make_dataloaders(args, accelerator, train_data, eval_data, collate_fn, sampler=None, eval_collator=None):
+    """The training DataLoader, in an EpochSampler's order (or `sampler`'s), and the evaluation one. On a GPU, worker
+    processes build the next batches while it computes, into pinned memory it copies from faster."""
     on_gpu = accelerator.device.type == "cuda"
     workers = 2 if on_gpu else 0
     if args.dataloader_num_workers is not None:
         workers = args.dataloader_num_workers
     options = dict(collate_fn=collate_fn, num_workers=workers, persistent_workers=workers > 0, pin_memory=on_gpu)
-    order = {"sampler": sampler} if sampler else {"shuffle": True}
-    generator = torch.Generator().manual_seed(args.seed)
-    train = DataLoader(train_data, batch_size=args.per_device_train_batch_size, generator=generator, **order, **options)
-    return train, DataLoader(eval_data, batch_size=args.per_device_eval_batch_size, **options)
+    # A generator of their own: without one, each new pass over a DataLoader draws a seed from the global random state,
+    # which dropout uses and checkpoints restore, so a resumed run (one pass more) would drop other units.
+    if sampler is None:
+        sampler = EpochSampler(len(train_data), global_batch_size(args, accelerator), args.seed)
+    train = DataLoader(
+        train_data, args.per_device_train_batch_size, sampler=sampler, generator=torch.Generator(), **options
+    )
+    options["collate_fn"] = eval_collator or collate_fn
+    evaluation = DataLoader(eval_data, args.per_device_eval_batch_size, generator=torch.Generator(), **options)
+    return train, evaluation
 
 
 # ---- Device, precision, processes; optimizer and schedule.
@@ -381,8 +422,6 @@ def setup(args, script_name):
         project_dir=args.output_dir,
         # One scheduler step per optimizer step; Accelerate's default (one per process) would miscount warmup and decay.
         step_scheduler_with_optimizer=False,
-        # Each epoch's order depends only on (seed, epoch): a resumed run sees the same batches.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and accelerator.num_processes == 1:  # torchrun without GPUs: each would train alone
@@ -390,6 +429,8 @@ def setup(args, script_name):
             f"{world_size} processes were launched but each runs alone; on CPU set "
             "ACCELERATE_USE_CPU=1 (or use `accelerate launch --cpu`)"
         )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, args)
     lock_output_dir(accelerator, args.output_dir)
     set_seed(args.seed)
     if args.report_to != "none":
@@ -398,30 +439,84 @@ def setup(args, script_name):
 
 
 def choose_mixed_precision(requested):
-    """bf16 where the hardware has it, fp16 (with loss scaling) on older GPUs such as
-    Colab's T4, none on CPU. The flag, or `accelerate launch --mixed_precision`, wins."""
+    """--mixed_precision, else what `accelerate launch --mixed_precision` set, else (auto) the best for this device."""
     if requested != "auto":
         return requested
     if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
         return os.environ["ACCELERATE_MIXED_PRECISION"]
+    if is_torch_xla_available(check_is_tpu=True):  # Accelerate's TPU launcher sets no precision: bf16 is the TPU's own
+        return auto_mixed_precision("xla")
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return auto_mixed_precision("cuda", torch.cuda.get_device_capability())
+    return auto_mixed_precision("cpu")
+
+
+def auto_mixed_precision(device_type, capability=None):
+    """bf16 on TPUs and on GPUs of compute capability 8.0 or more (A100, L4, H100), which compute in it natively. fp16
+    with loss scaling on older GPUs (Colab's T4 is 7.5, a V100 7.0): they have no bf16 units, and
+    torch.cuda.is_bf16_supported() says yes there only because it counts slow emulation. None on a CPU."""
+    if device_type == "xla":
+        return "bf16"
+    if device_type == "cuda":
+        return "bf16" if tuple(capability) >= (8, 0) else "fp16"
     return "no"
 
 
+def configure_deepspeed(accelerator, args):
+    """DeepSpeed clips gradients and counts batches itself, from its config, where Accelerate fills "auto" with a
+    clipping of 1.0 and a batch taken from the smaller of the dataloaders: fill them from the flags instead."""
+    plugin = accelerator.state.deepspeed_plugin
+    wanted = {
+        "gradient_clipping": args.max_grad_norm,  # 0: no clipping, as in the other engines
+        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+        "train_batch_size": global_batch_size(args, accelerator),
+    }
+    for key, value in wanted.items():
+        if plugin.is_auto(key) or key not in plugin.deepspeed_config:
+            plugin.deepspeed_config[key] = value
+        elif plugin.deepspeed_config[key] != value:
+            raise UserError(
+                f"the DeepSpeed config sets {key} to {plugin.deepspeed_config[key]}, the flags make it {value}; "
+                f'set it to "auto" in the config to take the flags\' value'
+            )
+
+
 def lock_output_dir(accelerator, output_dir):
-    """The main process of the whole job takes the folder's lock; every process stops if it cannot."""
-    error = [None]
+    """The main process of the whole job takes the folder's lock. Then every process looks for that lock: each writes
+    its random state (and its shards) into --output_dir, so every machine must see the same folder, or a resumed run
+    would find some processes' files missing. Every process stops, with one message, if either fails."""
+    problem = None
     if accelerator.is_main_process:
         try:
             OutputLock(output_dir).acquire()
         except UserError as err:
-            error = [str(err)]
-    broadcast_object_list(error)  # from the main process to the others (nothing to do alone)
-    if error[0] is not None:
-        if accelerator.is_main_process:
-            raise UserError(error[0])
-        raise SystemExit(2)
+            problem = str(err)
+    lock = broadcast_object_list([problem, OutputLock.held and OutputLock.held.me])  # the main process's, to all
+    problem, holder = lock
+    if problem is None and not accelerator.is_main_process and not sees_lock(Path(output_dir) / LOCK_FILE, holder):
+        problem = (
+            f"process {accelerator.process_index} on {socket.gethostname()} does not see the lock that the main "
+            f"process ({holder['host']}) wrote in {output_dir}: every machine must use one shared --output_dir "
+            "(a network file system mounted at the same path)"
+        )
+    problems = [p for p in gather_object([problem]) if p is not None]
+    if problems:
+        OutputLock.release_held()
+        raise UserError(problems[0])
+
+
+def sees_lock(path, holder, wait=30.0):
+    """Whether the lock file at `path` is `holder`'s. A network file system may show it some seconds late, so a folder
+    that exists is looked at again for `wait` seconds; one that does not exist here is no shared folder."""
+    deadline = time.monotonic() + wait
+    while path.parent.is_dir():
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()) == holder:
+                return True
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    return False
 
 
 def make_optimizer(model, args, device):
@@ -429,16 +524,45 @@ def make_optimizer(model, args, device):
     fused on a GPU: one kernel for all parameters instead of one per tensor."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if len(full_shape(p)) >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if len(full_shape(p)) < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
 
 
-def make_scheduler(accelerator, optimizer, args, batches_per_epoch):
-    """The learning-rate schedule, counted in optimizer steps; prepared, so checkpoints hold it."""
-    total_steps = training_steps(batches_per_epoch, args)[1]
-    return accelerator.prepare(get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps))
+def set_fsdp_units(accelerator, model):
+    """Under FSDP, the modules it shards as units (gathering each one's weights only while it computes): the model's
+    transformer layers. Accelerate's default, the model's _no_split_modules, also names BERT's and RoBERTa's embedding
+    modules, whose word embeddings Accelerate then shards a second time, and FSDP2 fails. A unit list from the
+    accelerate config (fsdp_transformer_layer_cls_to_wrap) is kept."""
+    if (
+        accelerator.distributed_type != DistributedType.FSDP
+        or accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap
+    ):
+        return
+    word_embeddings = model.get_input_embeddings()
+    units = [name for name in model._no_split_modules or [] if not holds(model, name, word_embeddings)]
+    accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = units or None
+
+
+def holds(model, class_name, part):
+    """Whether the modules of class `class_name` in `model` hold the module `part`."""
+    return any(type(m).__name__ == class_name and any(inner is part for inner in m.modules()) for m in model.modules())
+
+
+def full_shape(param):
+    """A weight's shape. DeepSpeed ZeRO-3 splits weights over the processes as the model loads: each then holds an
+    empty tensor here, and its whole shape is in `ds_shape`."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def make_scheduler(accelerator, optimizer, args, train_dataloader):
+    """The learning-rate schedule, counted in optimizer steps. Made before `prepare`, which must see it with the model
+    and the optimizer (DeepSpeed drives it from its engine then, and checkpoints hold it), so the training batches per
+    process are counted here: the EpochSampler makes them divide exactly."""
+    batches_per_process = len(train_dataloader) // accelerator.num_processes
+    total_steps = training_steps(batches_per_process, args)[1]
+    return get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
 
 
 def training_steps(batches_per_epoch, args):
@@ -496,7 +620,13 @@ class Checkpointer:
                 delete_tree(self.dir)
             acc.wait_for_everyone()
             return TrainingState()
-        candidates = whole_checkpoints(self.dir, acc.print)
+        # The main process chooses, and every process loads the same checkpoint: ranks that resumed from different
+        # steps would train apart (DDP) or wait for each other forever (FSDP, DeepSpeed).
+        candidates = []
+        if acc.is_main_process:
+            recover_swaps(self.dir)
+            candidates = [(meta, str(path)) for meta, path in whole_checkpoints(self.dir, acc.print)]
+        candidates = [(meta, Path(path)) for meta, path in broadcast_object_list([candidates])[0]]
         if args.resume_from_checkpoint:
             wanted = Path(args.resume_from_checkpoint).resolve()
             candidates = [(m, p) for m, p in candidates if p.resolve() == wanted]
@@ -506,10 +636,10 @@ class Checkpointer:
         for meta, path in reversed(candidates):
             saved = meta["fingerprint"]
             check_settings(acc, saved, self.settings, path)
-            try:
-                load_checkpoint(acc, path, same_processes=saved["num_processes"] == acc.num_processes)
-            except Exception as err:  # whole in size but unreadable, or not safe to unpickle
-                acc.print(f"warning: could not load checkpoint {path} ({first_line(err, 300)}); trying an older one")
+            same_processes = saved["num_processes"] == acc.num_processes
+            problems = [p for p in gather_object([try_to_load(acc, path, same_processes)]) if p]
+            if problems:  # on any process: all of them try the one before, together
+                acc.print(f"warning: could not load checkpoint {path} ({'; '.join(problems)}); trying an older one")
                 failed.append(path.name)
                 continue
             state = TrainingState(**meta["state"])
@@ -587,17 +717,23 @@ def whole_checkpoints(folder, warn=None):
     return sorted(found, key=lambda mp: (mp[0].get("serial", 0), mp[0]["state"]["completed_steps"]))
 
 
-def load_checkpoint(accelerator, path, same_processes=True):
-    """accelerator.load_state unpickles only tensors and plain data (torch's weights_only), so a planted pickle cannot
+def try_to_load(accelerator, path, same_processes=True):
+    """Load a checkpoint into the prepared objects; None, or why it could not be loaded (on this process).
+    accelerator.load_state unpickles only tensors and plain data (torch's weights_only), so a planted pickle cannot
     run code. It quietly skips random states it cannot load; exact resume needs them, so they are checked first (on
     another number of processes, a process without a file of its own keeps its seed)."""
     rng_file = path / f"random_states_{accelerator.process_index}.pkl"
-    if same_processes or rng_file.exists():
-        try:
-            accelerate_load(rng_file)
-        except Exception as err:
-            raise ValueError(f"{rng_file.name} cannot be loaded safely: {first_line(err, None)}") from None
-    accelerator.load_state(str(path))
+    try:
+        if same_processes or rng_file.exists():
+            try:
+                accelerate_load(rng_file)
+            except Exception as err:
+                raise ValueError(f"{rng_file.name} cannot be loaded safely: {first_line(err, None)}") from None
+        accelerator.load_state(str(path))
+    except Exception as err:  # whole in size but unreadable, or not safe to unpickle
+        where = f"process {accelerator.process_index}: " if accelerator.num_processes > 1 else ""
+        return where + first_line(err, 300)
+    return None
 
 
 def check_settings(accelerator, saved, current, path):
@@ -687,12 +823,31 @@ def delete_tree(path):
 
 
 def swap_in(tmp, final):
-    """Move a finished folder into place; the old one goes only once the new one is there."""
+    """Move a finished folder into place; the old one goes only once the new one is there. A crash between the two
+    renames leaves only .old-<name>, which recover_swaps puts back."""
     old = final.with_name(f".old-{final.name}")
     if final.exists():
         final.rename(old)
     tmp.rename(final)
+    fsync_folder(final.parent)  # the renames themselves on disk, not only the files
     delete_tree(old)
+
+
+def recover_swaps(folder):
+    """Put back each .old-<name> folder whose <name> is missing: a crash came between swap_in's two renames."""
+    for old in Path(folder).glob(".old-*") if Path(folder).is_dir() else []:
+        final = old.with_name(old.name.removeprefix(".old-"))
+        if not final.exists():
+            old.rename(final)
+            print(f"warning: {final} was being replaced when the last run stopped; the previous one is back")
+
+
+def fsync_folder(folder):
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def export_model(accelerator, model, tokenizer, path):
@@ -706,9 +861,11 @@ def export_model(accelerator, model, tokenizer, path):
             "stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config (as configs/deepspeed_zero3.yaml)"
         ) from None
     if accelerator.is_main_process:
+        # A compiled model (--torch_compile) names each weight "_orig_mod.<name>"; from_pretrained wants <name>.
+        state_dict = {name.removeprefix("_orig_mod."): weight for name, weight in state_dict.items()}
         tmp = path.with_name(f".tmp-{path.name}")
         delete_tree(tmp)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         swap_in(tmp, path)
     accelerator.wait_for_everyone()
@@ -725,6 +882,8 @@ class Run:
         self.metric = getattr(args, "metric_for_best_model", "loss")  # picks best/; lower is better for a loss
         self.steps_per_epoch, self.total_steps, self.num_epochs = training_steps(len(dataloader), args)
         self.checkpointer = Checkpointer(accelerator, self.output_dir, args, settings, may_change)
+        if accelerator.is_main_process:
+            recover_swaps(self.output_dir)  # best/, if a crash came while it was replaced
         self.state = self.checkpointer.resume()
         StopSignals.catch()
         self.progress = Progress(accelerator, self, lr_scheduler, flops)
@@ -746,6 +905,9 @@ class Run:
             yield batch
         if self.state.batch_in_epoch >= len(dataloader):  # the epoch ran to its end
             self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+            # Accelerate counts micro-batches towards the next optimizer step and starts again at a dataloader's end.
+            # A run resumed from a checkpoint saved at that end saw no batch: start again here too.
+            self.accelerator.step = 0
         self.progress.throughput.pause()  # evaluating and saving are not training: out of tokens/s
 
     def log_and_save(self, loss, num_tokens):
@@ -765,7 +927,8 @@ class Run:
         stop early after --early_stopping_patience evaluations without improvement, checkpoint."""
         state, patience = self.state, self.args.early_stopping_patience
         self.progress.log({f"eval_{k}": v for k, v in metrics.items()})
-        self.accelerator.print(f"epoch {state.epoch}, step {state.completed_steps}: {format_metrics(metrics)}")
+        epochs = state.completed_steps / self.steps_per_epoch  # a fraction when --max_train_steps ends mid-epoch
+        self.accelerator.print(f"step {state.completed_steps} (epoch {epochs:.2f}): {format_metrics(metrics)}")
         value, best = metrics[self.metric], state.best_metric
         if best is None or (value < best if self.metric == "loss" else value > best):
             state.best_metric, state.best_step, state.evals_without_improvement = value, state.completed_steps, 0
@@ -798,6 +961,10 @@ class Run:
         """The end: peak GPU memory, log_history.json, loss.png, the best model. True on the main process (demo)."""
         self.progress.bar.close()
         self.accelerator.end_training()
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # ZeRO-3 would split the demo's model over processes that have ended (from_pretrained waits for them):
+            # the demo loads best/ whole, as users will.
+            unset_hf_deepspeed_config()
         if self.accelerator.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
             self.accelerator.print(f"Peak GPU memory: {peak:.2f} GiB")
@@ -860,6 +1027,13 @@ class Progress:
 
 
 # ---- Evaluation, metrics, throughput, the loss curves.
+def prepare_for_evaluation(accelerator, model, dataloader):
+    """The model and a dataloader for evaluation alone (--eval_only): every process holds the whole model, in the
+    run's mixed precision. Nothing to shard without an optimizer (FSDP2 and DeepSpeed prepare a model only with one)."""
+    model = accelerator.prepare_model(model.to(accelerator.device), evaluation_mode=True)
+    return model, accelerator.prepare_data_loader(dataloader)
+
+
 @torch.no_grad()
 def evaluate(accelerator, model, dataloader, per_example):
     """`per_example(model, batch)` -> dict of tensors with one row per example, over the whole dataloader and every
@@ -927,11 +1101,13 @@ class Throughput:
 def flops_per_token(model, seq_len):
     """Training FLOPs per token as nanoGPT and the PaLM paper count them: 6 per weight in a matrix product (2 forward,
     4 backward), plus attention's 12 x layers x width x sequence length. Embedding lookups are no matrix products; an
-    output layer tied to the embeddings is. Counted before `prepare`, while weights are whole (FSDP, ZeRO-3 split)."""
-    matmul = model.num_parameters(exclude_embeddings=True)
+    output layer tied to the embeddings is. Counted before `prepare`, which splits weights under FSDP, and from
+    each weight's whole shape, which ZeRO-3 splits as the model loads."""
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
+    matmul = sum(math.prod(full_shape(p)) for p in model.parameters() if id(p) not in embeddings)
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
-        matmul += head.weight.numel()
+        matmul += math.prod(full_shape(head.weight))
     # Hugging Face configs map these names (GPT-2's n_layer, n_embd too); where one is missing, no attention term.
     layers, width = getattr(model.config, "num_hidden_layers", 0), getattr(model.config, "hidden_size", 0)
     return 6 * matmul + 12 * layers * width * seq_len

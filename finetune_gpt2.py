@@ -115,10 +115,12 @@ def train(args):
     )
     flops = common.flops_per_token(model, block_size)  # counted while the weights are whole
     optimizer = common.make_optimizer(model, args, accelerator.device)
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader
+    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, train_dataloader)
+    common.set_fsdp_units(accelerator, model)  # FSDP only: which layers it shards as units
+    # One call for all: FSDP and DeepSpeed wrap the model, its optimizer and its schedule together.
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
-    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, len(train_dataloader))
     # Resume from the newest checkpoint in --output_dir, if it was made with these settings.
     settings = {"block_size": block_size, "vocab_size": len(tokenizer), "train_blocks": len(train_data)}
     run = common.Run(accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, MAY_CHANGE)

@@ -23,6 +23,7 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
+    DataCollatorForTokenClassification,
     DataCollatorWithPadding,
     RobertaConfig,
     RobertaForMaskedLM,
@@ -142,13 +143,21 @@ def prepare_data(texts, tokenizer, args, split_name):
     return data.with_format("torch")
 
 
-def mask_tokens(masker, batch, device, generator=None):
+def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data):
+    """Packed blocks all have the same length: they are stacked. Lines are padded to the longest of each batch (and
+    the validation labels with -100, predicting nothing). The validation samples are masked once and for all."""
+    collator = DataCollatorWithPadding(tokenizer) if args.line_by_line else default_data_collator
+    eval_collator = DataCollatorForTokenClassification(tokenizer) if args.line_by_line else default_data_collator
+    eval_data = FixedMasks(eval_data, tokenizer, args)
+    return common.make_dataloaders(args, accelerator, train_data, eval_data, collator, eval_collator=eval_collator)
+
+
+def mask_tokens(masker, batch, device):
     """The model's inputs: DataCollatorForLanguageModeling's masking (of the maskable tokens, --mlm_probability: 80%
     become <mask>, 10% a random token, 10% stay; only those are predicted), moved to the device. It runs in the loop, on
     the CPU batch, drawing from the global random state that checkpoints save and restore, so a resumed run masks
     exactly as an uninterrupted one (inside the DataLoader it would draw ahead of training: Accelerate prefetches a
-    batch). Evaluation passes its own fixed generator."""
-    masker.generator = generator
+    batch)."""
     input_ids, labels = masker.torch_mask_tokens(
         batch["input_ids"].clone(), special_tokens_mask=batch["special_tokens_mask"]
     )
@@ -156,16 +165,34 @@ def mask_tokens(masker, batch, device, generator=None):
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
-def run_evaluation(accelerator, model, eval_dataloader, masker, seed):
-    """Masked-LM loss per masked token, with the same masks at every evaluation."""
-    generator = torch.Generator().manual_seed(seed)
+class FixedMasks(torch.utils.data.Dataset):
+    """The validation samples, masked once and for all: sample i's masks come from a generator seeded with --seed + i,
+    so every evaluation predicts the same tokens, on any number of processes and at any batch size, and losses from
+    one evaluation to the next differ only by what the model learned."""
+
+    def __init__(self, samples, tokenizer, args):
+        self.samples, self.seed = samples, args.seed
+        self.masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        sample = self.samples[index]
+        self.masker.generator = torch.Generator().manual_seed(self.seed + index)
+        input_ids, labels = self.masker.torch_mask_tokens(
+            sample["input_ids"][None].clone(), special_tokens_mask=sample["special_tokens_mask"][None]
+        )
+        return {"input_ids": input_ids[0], "attention_mask": sample["attention_mask"], "labels": labels[0]}
+
+
+def run_evaluation(accelerator, model, eval_dataloader):
+    """Masked-LM loss per masked token (the masks are fixed: see FixedMasks)."""
 
     def per_example(model, batch):
-        inputs = mask_tokens(masker, batch, accelerator.device, generator)
-        labels = inputs.pop("labels")
-        logits = model(**inputs).logits
-        losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-        return {"loss_sum": losses.sum(dim=1), "masked": (labels != -100).sum(dim=1)}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"], reduction="none")
+        return {"loss_sum": losses.sum(dim=1), "masked": (batch["labels"] != -100).sum(dim=1)}
 
     out = common.evaluate(accelerator, model, eval_dataloader, per_example)
     loss = (out["loss_sum"].sum() / out["masked"].sum().clamp(min=1)).item()  # the mean over masked tokens
@@ -174,6 +201,7 @@ def run_evaluation(accelerator, model, eval_dataloader, masker, seed):
 
 def train(args):
     accelerator = common.setup(args, "pretrain_mlm")
+    refuse_fsdp(accelerator)
     with accelerator.main_process_first():
         train_text, eval_text = common.load_text_data(args, keep_linebreaks=False)
     tokenizer = get_tokenizer(accelerator, train_text, args)
@@ -188,17 +216,18 @@ def train(args):
         f"RoBERTa masked LM: {model.num_parameters():,} parameters; {len(train_data):,} training and "
         f"{len(eval_data):,} validation samples of up to {args.max_seq_length} tokens"
     )
-    # Packed blocks all have the same length: stack them. Lines: pad each batch to its longest.
-    collator = DataCollatorWithPadding(tokenizer) if args.line_by_line else default_data_collator
-    train_dataloader, eval_dataloader = common.make_dataloaders(args, accelerator, train_data, eval_data, collator)
+    train_dataloader, eval_dataloader = get_dataloaders(args, accelerator, tokenizer, train_data, eval_data)
     masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)
     flops = common.flops_per_token(model, args.max_seq_length)  # counted while the weights are whole
     optimizer = common.make_optimizer(model, args, accelerator.device)
-    # The dataloaders stay on the CPU (device_placement False): batches are masked there, then moved.
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader, device_placement=[True, True, False, False]
+    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, train_dataloader)
+    common.set_fsdp_units(accelerator, model)  # FSDP only: which layers it shards as units
+    # FSDP and DeepSpeed wrap the model, its optimizer and its schedule together, in one call.
+    model, optimizer, eval_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, eval_dataloader, lr_scheduler
     )
-    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, len(train_dataloader))
+    # The training batches stay on the CPU: they are masked there (see mask_tokens), then moved.
+    train_dataloader = accelerator.prepare_data_loader(train_dataloader, device_placement=False)
     # Resume from the newest checkpoint in --output_dir, if it was made with these settings.
     settings = {"tokenizer_sha256": tokenizer_hash(args), "train_samples": len(train_data)}
     run = common.Run(accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, MAY_CHANGE)
@@ -218,11 +247,19 @@ def train(args):
                     lr_scheduler.step()  # once per optimizer step (fp16 may skip a step on overflow)
                 optimizer.zero_grad()
             run.log_and_save(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
-        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader, masker, args.seed))  # this script
+        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
 
     if run.finish():
         fill_mask(run.best_dir, args.fill_mask_prompt, accelerator.device)
     return run.state
+
+
+def refuse_fsdp(accelerator):
+    if accelerator.distributed_type == common.DistributedType.FSDP:
+        raise common.UserError(
+            "FSDP2 cannot shard RoBERTa's masked-LM head (its bias is shared between two FSDP units, which torch 2.13 "
+            "refuses): use DeepSpeed (configs/deepspeed_zero3.yaml) or DDP (configs/multi_gpu.yaml)"
+        )
 
 
 def tokenizer_hash(args):

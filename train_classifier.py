@@ -15,13 +15,12 @@ import csv
 import re
 
 import datasets
-import torch
 import torch.nn.functional as F
 from accelerate import PartialState  # print() on the main process only, from anywhere
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, pipeline
-from transformers.trainer_pt_utils import LengthGroupedSampler as HFLengthGroupedSampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import common
 
@@ -211,17 +210,16 @@ def encode_labels(train, validation, where):
     return train, validation, names
 
 
-class LengthGroupedSampler(HFLengthGroupedSampler):
-    """Transformers' sampler (shuffle, then sort each run of about 50 batches by length: little left to pad), with an
-    order that depends only on (seed, epoch), so a resumed run sees the same batches."""
+class LengthGroupedSampler(common.EpochSampler):
+    """common.EpochSampler (an order from (seed, epoch) alone, whole global batches) with Transformers' grouping:
+    shuffle, then sort each run of about 50 batches by length, so little is left to pad."""
 
-    def __init__(self, lengths, batch_size, seed):
-        super().__init__(batch_size, lengths=lengths)
-        self.seed = seed
-        self.set_epoch(0)
+    def __init__(self, lengths, global_batch, seed):
+        super().__init__(len(lengths), global_batch, seed)
+        self.lengths = lengths
 
-    def set_epoch(self, epoch):  # called through the prepared dataloader's set_epoch
-        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+    def shuffle(self, generator):
+        return get_length_grouped_indices(self.lengths, self.global_batch, generator=generator)
 
 
 def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns):
@@ -252,7 +250,7 @@ def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns
     sampler = None
     if args.group_by_length and not args.pad_to_max_length:
         # Grouped by global batch: the same order for any split of it (resuming on another number of processes).
-        batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        batch = common.global_batch_size(args, accelerator)
         sampler = LengthGroupedSampler([len(ids) for ids in train_data["input_ids"]], batch, args.seed)
     return common.make_dataloaders(args, accelerator, train_data, eval_data, collator, sampler)
 
@@ -325,7 +323,7 @@ def train(args):
     num_labels = model.config.num_labels
     train_dataloader, eval_dataloader = get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns)
     if args.eval_only:
-        model, eval_dataloader = accelerator.prepare(model, eval_dataloader)
+        model, eval_dataloader = common.prepare_for_evaluation(accelerator, model, eval_dataloader)
         metrics = run_evaluation(accelerator, model, eval_dataloader, num_labels)
         accelerator.print(f"eval: {common.format_metrics(metrics)}")
         if accelerator.is_main_process:
@@ -334,10 +332,12 @@ def train(args):
 
     flops = common.flops_per_token(model, args.max_seq_length)  # counted while the weights are whole
     optimizer = common.make_optimizer(model, args, accelerator.device)
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader
+    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, train_dataloader)
+    common.set_fsdp_units(accelerator, model)  # FSDP only: which layers it shards as units
+    # One call for all: FSDP and DeepSpeed wrap the model, its optimizer and its schedule together.
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
-    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, len(train_dataloader))
     # Resume from the newest checkpoint in --output_dir, if it was made with these settings.
     settings = {"columns": [*columns, label_column], "labels": label_names}
     run = common.Run(accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, MAY_CHANGE)

@@ -1,6 +1,6 @@
 """The GPU check: what a CPU cannot show, in one command.
 
-    python bench/gpu_check.py [--data ../shared/data] [--only precision,resume,speed,fsdp,deepspeed]
+    python bench/gpu_check.py [--data ../shared/data] [--only precision,resume,compile,speed,fsdp,deepspeed]
 
 On a machine with a CUDA GPU it runs, and prints as one table:
 
@@ -9,12 +9,16 @@ On a machine with a CUDA GPU it runs, and prints as one table:
 - resume: each script killed with SIGKILL after a random checkpoint and run again, with
   deterministic algorithms, against the same run uninterrupted: the final weights must
   be identical to the bit;
+- precision also says what --mixed_precision auto chose for this GPU's compute capability
+  (fp16 before 8.0: on a T4 or V100 this row is the pre-Ampere check);
+- compile: finetune_gpt2.py --torch_compile: best/ re-scored on the CPU to the reported loss;
 - speed: GPT-2 124M (GPT2Config(), random weights: no download) on packed blocks of 1024
   tokens, bf16, with and without --torch_compile: tokens/s, MFU and peak memory;
 - fsdp, deepspeed: finetune_gpt2.py under `accelerate launch --config_file configs/fsdp.yaml`
-  (and configs/deepspeed_zero3.yaml when DeepSpeed is installed) on one GPU: the export
-  gathered from the shards scores what the sharded model scored, and the sharded
-  checkpoint resumes.
+  (and configs/deepspeed_zero2.yaml and deepspeed_zero3.yaml when DeepSpeed is installed)
+  on one GPU: the export gathered from the shards scores what the sharded model scored,
+  the demo runs after the processes end (ZeRO-3), and a run SIGKILLed after a random
+  checkpoint resumes with the uninterrupted run's learning rate at every step.
 
 On a machine without a CUDA GPU it says so and exits 0. Text for the speed runs comes
 from --data (WikiText-2 as in ../shared/data) or, without it, is made up here.
@@ -218,33 +222,95 @@ def check_speed(work, data):
     return rows
 
 
-def check_sharded(work, args, config, label):
-    """finetune_gpt2.py under an accelerate config on one GPU: export gathered, checkpoint resumed."""
+def check_precision_choice():
+    """--mixed_precision auto on this GPU: bf16 from compute capability 8.0 on, fp16 with loss scaling before (T4,
+    V100), whatever torch.cuda.is_bf16_supported() says (it counts emulation)."""
+    import common
+
+    capability = torch.cuda.get_device_capability()
+    chosen = common.choose_mixed_precision("auto")
+    expected = "bf16" if capability >= (8, 0) else "fp16"
+    detail = f"compute capability {capability[0]}.{capability[1]}: {chosen}; is_bf16_supported() says "
+    detail += f"{torch.cuda.is_bf16_supported()}"
+    return [("--mixed_precision auto", "ok" if chosen == expected else "FAILED", detail)]
+
+
+def check_compile_export(work, args):
+    """--torch_compile: best/ holds the trained weights under their own names (not _orig_mod.<name>), so loaded
+    alone on the CPU it scores what the compiled run reported (within bf16's rounding)."""
     import test_finetune_gpt2 as gpt2_tests
 
-    out = work / f"sharded-{label}"
-    base = [*args["finetune_gpt2.py"], "--output_dir", out, "--max_new_tokens", 0, "--mixed_precision", "no"]
+    out = work / "compiled-export"
+    proc = run(script("finetune_gpt2.py", *args["finetune_gpt2.py"], "--output_dir", out, "--torch_compile"))
+    label = "finetune_gpt2.py --torch_compile: export re-scored"
+    if proc.returncode != 0:
+        return [(label, "FAILED", last_line(proc))]
+    reported = json.loads((out / "eval_results.json").read_text())["loss"]
+    by_hand = gpt2_tests.hand_mean_token_loss(out / "best", work / "valid.txt")
+    ok = abs(by_hand - reported) < 2e-2 * reported
+    return [(label, "ok" if ok else "FAILED", f"eval loss {reported:.5f}; best/ re-scored on the CPU: {by_hand:.5f}")]
+
+
+def check_sharded(work, args, config, label):
+    """finetune_gpt2.py under an accelerate config on one GPU: the export gathered and re-scored, the demo at the end
+    (under ZeRO-3 it loads best/ after the processes have ended), and a run SIGKILLed after a random checkpoint then
+    started again: the learning rate at every step and the evaluations as the uninterrupted run's."""
+    import test_finetune_gpt2 as gpt2_tests
+
+    out, killed = work / f"sharded-{label}", work / f"sharded-{label}-killed"
+    base = [*args["finetune_gpt2.py"], "--mixed_precision", "no"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / config)]
     launch += ["--num_processes", "1", str(REPO / "finetune_gpt2.py")]
-    first = run([*launch, *map(str, base)])
+    name = f"{label} (configs/{config}), 1 GPU"
+    first = run([*launch, *map(str, [*base, "--output_dir", out])])
     if first.returncode != 0:
-        return [(f"{label} (configs/{config}), 1 GPU", "FAILED", last_line(first))]
+        return [(name, "FAILED", last_line(first))]
     reported = json.loads((out / "eval_results.json").read_text())["loss"]
     by_hand = gpt2_tests.hand_mean_token_loss(out / "best", work / "valid.txt")
     files = json.loads((newest_checkpoint(out) / "training_state.json").read_text())["files"]
     nested = sorted({name.split("/")[0] for name in files if "/" in name})
-    more = run([*launch, *map(str, [*base, "--num_train_epochs", 3])])
-    resumed = more.returncode == 0 and "Resumed from" in more.stdout
-    ok = abs(by_hand - reported) < 1e-3 * reported and resumed  # TF32 on the GPU, fp32 on the CPU
-    detail = f"eval loss {reported:.5f}; the export, re-scored on the CPU: {by_hand:.5f}; shard folders {nested}; "
-    detail += "resumed for a 3rd epoch" if resumed else f"resume FAILED: {last_line(more)}"
-    return [(f"{label} (configs/{config}), 1 GPU", "ok" if ok else "FAILED", detail)]
+    demo = (out / "samples.txt").exists()
+    demo_detail = "samples.txt written" if demo else last_line(first)
+    rows = [
+        (f"{name}: export", "ok" if abs(by_hand - reported) < 1e-3 * reported else "FAILED",  # TF32 on the GPU
+         f"eval loss {reported:.5f}; the export, re-scored on the CPU: {by_hand:.5f}; shard folders {nested}"),
+        (f"{name}: demo after the run", "ok" if demo else "FAILED", demo_detail),
+    ]  # fmt: skip
+
+    def history(folder):
+        return json.loads((newest_checkpoint(folder) / "training_state.json").read_text())["state"]["log_history"]
+
+    total = max(e["step"] for e in history(out))
+    target = random.randint(3, total - 3)
+    proc = subprocess.Popen([*launch, *map(str, [*base, "--output_dir", killed])], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        saved = [int(p.name.split("_")[1]) for p in (killed / "checkpoints").glob("step_*")] if killed.exists() else []
+        if any(s >= target for s in saved):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    again = run([*launch, *map(str, [*base, "--output_dir", killed])])
+    if again.returncode != 0 or "Resumed from" not in again.stdout:
+        return rows + [(f"{name}: SIGKILL + rerun", "FAILED", last_line(again))]
+    a, b = history(out), history(killed)
+    rates = [{e["step"]: e["learning_rate"] for e in h if "learning_rate" in e} for h in (a, b)]
+    evals = [[e["eval_loss"] for e in h if "eval_loss" in e] for h in (a, b)]
+    same = (
+        rates[0] == rates[1] and all(abs(x - y) < 1e-3 * x for x, y in zip(*evals)) and len(evals[0]) == len(evals[1])
+    )
+    detail = f"killed after step >= {target} of {total}; learning rate at every step "
+    detail += "the same" if rates[0] == rates[1] else "DIFFERENT"
+    detail += f"; eval losses {evals[1]} vs {evals[0]}"
+    return rows + [(f"{name}: SIGKILL + rerun", "ok" if same else "FAILED", detail)]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--only", default="precision,resume,speed,fsdp,deepspeed")
+    parser.add_argument("--only", default="precision,resume,compile,speed,fsdp,deepspeed")
     parser.add_argument("--json", type=Path, help="also write the table here")
     opts = parser.parse_args()
     if not torch.cuda.is_available():
@@ -257,8 +323,9 @@ def main():
     args = setups(work)
     rows = []
     for name, check in (
-        ("precision", lambda: check_precision(work, args)),
+        ("precision", lambda: check_precision_choice() + check_precision(work, args)),
         ("resume", lambda: check_resume(work, args)),
+        ("compile", lambda: check_compile_export(work, args)),
         ("speed", lambda: check_speed(work, opts.data)),
         ("fsdp", lambda: check_sharded(work, args, "fsdp.yaml", "FSDP2")),
         ("deepspeed", lambda: deepspeed_rows(work, args)),
@@ -282,8 +349,9 @@ def deepspeed_rows(work, args):
     try:
         import deepspeed  # noqa: F401
     except Exception as err:  # not installed, or it cannot start here
-        return [("DeepSpeed ZeRO-3 (configs/deepspeed_zero3.yaml)", "skipped", f"deepspeed not usable: {err}"[:200])]
-    return check_sharded(work, args, "deepspeed_zero3.yaml", "DeepSpeed ZeRO-3")
+        return [("DeepSpeed (configs/deepspeed_zero*.yaml)", "skipped", f"deepspeed not usable: {err}"[:200])]
+    rows = check_sharded(work, args, "deepspeed_zero2.yaml", "DeepSpeed ZeRO-2")
+    return rows + check_sharded(work, args, "deepspeed_zero3.yaml", "DeepSpeed ZeRO-3")
 
 
 if __name__ == "__main__":

@@ -253,6 +253,22 @@ def torchrun(script, *args, check=True, **options):
     return proc
 
 
+def with_classifier_head(model_dir, target, labels):
+    """A copy of a saved encoder with a sequence-classification head for `labels` already in it (drawn once, here),
+    so that loading it for classification draws nothing at random."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(1)
+    label2id = {name: i for i, name in enumerate(labels)}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id
+    )
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(target)
+    return Path(target)
+
+
 def without_dropout(model_dir, target):
     """A copy of a saved model with dropout off: runs that split their batches otherwise,
     or draw their random numbers on other processes, can then end at the same weights."""
@@ -266,3 +282,39 @@ def without_dropout(model_dir, target):
             config[key] = 0.0
     (target / "config.json").write_text(json.dumps(config))
     return target
+
+
+def launch(runs, folder, nproc=1, timeout=300, distributed=None):
+    """Run `runs` (dicts: see tests/launch_worker.py) one after another as one job of `nproc` processes on this
+    machine, each run forked from a worker that imported everything once; returns each run's exit status (and
+    writes each run's seconds into its dict). `distributed`: a process group even for one process (as torchrun)."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, run in enumerate(runs):
+        run.setdefault("port", free_port())
+        run.setdefault("log", str(folder / f"run{i}-{run['script']}.log"))
+        run["argv"] = [str(a) for a in run["argv"]]
+        run["argv_by_rank"] = {str(r): [str(a) for a in argv] for r, argv in run.get("argv_by_rank", {}).items()}
+    plan = folder / "plan.json"
+    plan.write_text(json.dumps({"runs": runs, "results": str(folder / "results.json"), "timeout": timeout}))
+    env = offline_env(ACCELERATE_USE_CPU="1")
+    distributed = nproc > 1 if distributed is None else distributed
+    if distributed:  # as torchrun sets them; each run's children meet on the run's own MASTER_PORT
+        env.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    workers = []
+    for rank in range(nproc):
+        rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank)) if distributed else env
+        command = [sys.executable, str(REPO / "tests" / "launch_worker.py"), str(plan)]
+        workers.append(subprocess.Popen(command, cwd=REPO, env=rank_env))
+    for worker in workers:
+        worker.wait(timeout=timeout * len(runs) + 60)
+    results = json.loads((folder / "results.json").read_text())
+    for run, (_, seconds) in zip(runs, results):
+        run["seconds"] = seconds
+    return [status for status, _ in results]
+
+
+def log_of(run, rank=0):
+    return Path(f"{run['log']}.rank{rank}").read_text()

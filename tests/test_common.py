@@ -1,5 +1,6 @@
 """Pieces of common.py that can be checked on their own."""
 
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -47,3 +48,99 @@ def test_throughput_counts_training_time_only(monkeypatch):
 def test_first_line_of_an_error():
     assert common.first_line(ValueError("  bad header\n  at line 3\n"), limit=6) == "bad he"
     assert common.first_line(EOFError()) == "EOFError"  # no message: its type, not an IndexError
+
+
+@pytest.mark.parametrize(
+    "device, capability, expected",
+    [
+        ("cuda", (7, 0), "fp16"),  # V100
+        ("cuda", (7, 5), "fp16"),  # T4: Colab's free GPU, no bf16 units (torch counts emulation as support)
+        ("cuda", (8, 0), "bf16"),  # A100
+        ("cuda", (8, 9), "bf16"),  # L4
+        ("cuda", (9, 0), "bf16"),  # H100
+        ("cpu", None, "no"),
+        ("xla", None, "bf16"),  # TPU
+    ],
+)
+def test_auto_precision_follows_the_device(device, capability, expected):
+    assert common.auto_mixed_precision(device, capability) == expected
+
+
+def test_auto_precision_asks_the_gpu_its_capability_not_whether_it_emulates_bf16(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # what a T4 says
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert common.choose_mixed_precision("auto") == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert common.choose_mixed_precision("auto") == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_precision fp16
+    assert common.choose_mixed_precision("auto") == "fp16"
+    assert common.choose_mixed_precision("no") == "no"  # the flag wins
+
+
+def test_auto_precision_is_bf16_on_a_tpu_whose_launcher_sets_none(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(common, "is_torch_xla_available", lambda check_is_tpu=False: True)
+    assert common.choose_mixed_precision("auto") == "bf16"
+
+
+def zero3_partitioned(model):
+    """The model as DeepSpeed ZeRO-3 leaves it on each process after loading: every weight an empty tensor, its whole
+    shape in ds_shape and its size in ds_numel."""
+    for param in model.parameters():
+        param.ds_shape, param.ds_numel = param.shape, param.numel()
+        param.data = torch.empty(0)
+    return model
+
+
+def test_zero3_split_weights_keep_their_weight_decay_and_their_flops():
+    import argparse
+
+    args = argparse.Namespace(weight_decay=0.1, learning_rate=1e-3)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=300)
+    whole, split = GPT2LMHeadModel(config), zero3_partitioned(GPT2LMHeadModel(config))
+    assert all(p.numel() == 0 for p in split.parameters())
+    assert common.flops_per_token(split, 64) == common.flops_per_token(whole, 64) > 0
+
+    def decayed(model):
+        groups = common.make_optimizer(model, args, torch.device("cpu")).param_groups
+        names = {id(p): name for name, p in model.named_parameters()}
+        return [sorted(names[id(p)] for p in group["params"]) for group in groups]
+
+    assert decayed(split) == decayed(whole)
+    assert "transformer.h.0.attn.c_attn.weight" in decayed(split)[0]  # matrices decay
+    assert "transformer.h.0.ln_1.weight" in decayed(split)[1]  # norms and biases do not
+
+
+def test_fsdp_units_are_the_transformer_layers_not_the_embeddings():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForMaskedLM
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    for model, layer in (
+        (BertForSequenceClassification(BertConfig(**small)), "BertLayer"),  # _no_split_modules: BertEmbeddings too
+        (RobertaForMaskedLM(RobertaConfig(**small)), "RobertaLayer"),
+        (GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)), "GPT2Block"),
+    ):
+        plugin = SimpleNamespace(transformer_cls_names_to_wrap=None)
+        accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+        common.set_fsdp_units(accelerator, model)
+        assert plugin.transformer_cls_names_to_wrap == [layer]
+    plugin.transformer_cls_names_to_wrap = ["MyBlock"]  # from the accelerate config: kept
+    common.set_fsdp_units(accelerator, model)
+    assert plugin.transformer_cls_names_to_wrap == ["MyBlock"]
+
+
+def test_epoch_sampler_pads_to_whole_global_batches_with_the_epochs_first_samples():
+    sampler = common.EpochSampler(num_samples=10, global_batch=4, seed=3)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 12
+    assert sorted(first[:10]) == list(range(10)) and first[10:] == first[:2]
+    assert list(sampler) == first  # the same epoch, the same order
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    assert list(common.EpochSampler(10, 4, seed=3)) == first  # nothing but (seed, epoch): a resumed run's order
+    assert len(common.EpochSampler(3, 8, seed=0)) == 8 and sorted(set(common.EpochSampler(3, 8, seed=0))) == [0, 1, 2]

@@ -2,10 +2,11 @@
 checkpoint, SIGTERM / SIGINT, changed settings, and a sweep of the bad input users
 really feed. (The shared machinery itself is tested in test_faults.py.)"""
 
+import json
 import os
+import random
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -114,36 +115,77 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_run_ends_the_same(script, 
     capsys.readouterr()
     s.module.main(s.args(out, "--checkpointing_steps", 4, "--keep_last", 100))
     printed = capsys.readouterr().out
-    assert f"skipping damaged checkpoint {newest}" in printed and f"Resumed from {previous}" in printed
+    assert f"skipping damaged checkpoint {newest}" in printed
+    steps = state_of(previous)["completed_steps"]
+    assert f"Resumed from {previous}: epoch" in printed and f"step {steps}," in printed  # not a fresh start
     assert final_weights(out) == final_weights(full_runs[script])
 
 
-@pytest.mark.parametrize("script, sig", [("finetune_gpt2", signal.SIGINT), ("pretrain_mlm", signal.SIGTERM)])
-def test_signal_saves_and_the_rerun_continues_from_that_step(script, sig, setups, full_runs, tmp_path):
-    # (train_classifier.py: both signals, in test_train_classifier.py)
-    s, out = setups[script], tmp_path / "run"
-    args = s.args(out, "--checkpointing_steps", 2)
-    proc = subprocess.Popen(
-        helpers.script_command(f"{script}.py", *args),
-        cwd=helpers.REPO,
-        env=helpers.offline_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        if list((out / "checkpoints").glob("step_*")) if (out / "checkpoints").exists() else []:
-            proc.send_signal(sig)
-            break
-        time.sleep(0.002)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig, stderr[-2000:]
-    assert "Traceback" not in stderr
-    saved = int(stdout.split(f"{sig.name} received: saved step ")[1].split(".")[0])
-    resumed = helpers.run_script(f"{script}.py", *s.args(out))  # no step saves: only the signal's checkpoint
-    assert f"step {saved}," in resumed.stdout.split("Resumed from")[1].splitlines()[0]
-    assert final_weights(out) == final_weights(full_runs[script])
+@pytest.fixture(scope="module")
+def stopped_runs(setups, full_runs, tmp_path_factory):
+    """One job (tests/launch_worker.py): each script SIGKILLed at a random moment after a checkpoint, then run again
+    with the same command; and stopped by SIGTERM (a scheduler, Colab's stop button) or SIGINT (Ctrl-C) after its
+    first checkpoint, then run again without step saves."""
+    folder = tmp_path_factory.mktemp("stopped")
+    runs = []
+    for script, sig in (
+        ("train_classifier", signal.SIGTERM),
+        ("finetune_gpt2", signal.SIGINT),
+        ("pretrain_mlm", signal.SIGTERM),
+    ):
+        s, total = setups[script], newest_state(full_runs[script])["completed_steps"]
+        target = random.Random().randint(2, total - 3)  # a random point, printed if the test fails
+        killed, signalled = folder / script / "killed", folder / script / "signalled"
+        argv = s.args(killed, "--checkpointing_steps", 2)
+        runs.append({"script": script, "argv": argv, "name": "killed", "signal_when_saved": [9, target, str(killed)]})
+        runs.append({"script": script, "argv": argv, "name": "rerun", "out": str(killed)})
+        argv = s.args(signalled, "--checkpointing_steps", 2)
+        runs.append(
+            {"script": script, "argv": argv, "name": "signalled", "signal_when_saved": [sig, 1, str(signalled)]}
+        )
+        runs.append({"script": script, "argv": s.args(signalled), "name": "continued", "out": str(signalled)})
+    for run in runs:
+        run["engine"] = "one"
+    statuses = helpers.launch(runs, folder / "logs")
+    return {(r["script"], r["name"]): (r, status) for r, status in zip(runs, statuses)}
+
+
+def newest_state(out):
+    return state_of(checkpoints(out)[-1])
+
+
+def state_of(checkpoint):
+    return json.loads((checkpoint / "training_state.json").read_text())["state"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_sigkill_at_a_random_moment_then_the_same_command_ends_where_an_uninterrupted_run_ends(
+    script, stopped_runs, full_runs
+):
+    (killed, status), (rerun, rerun_status) = stopped_runs[script, "killed"], stopped_runs[script, "rerun"]
+    target = killed["signal_when_saved"][1]
+    assert status == -signal.SIGKILL, f"not killed after step {target}: {helpers.log_of(killed)[-2000:]}"
+    assert rerun_status == 0 and "Resumed from" in helpers.log_of(rerun), helpers.log_of(rerun)[-2000:]
+    out, full = Path(rerun["out"]), full_runs[script]
+    assert final_weights(out) == final_weights(full), f"killed after step {target}"
+    assert (out / "best" / "model.safetensors").read_bytes() == (full / "best" / "model.safetensors").read_bytes()
+    if script == "finetune_gpt2":
+        assert (out / "samples.txt").read_text() == (full / "samples.txt").read_text()
+    if script == "pretrain_mlm":
+        assert (out / "tokenizer.json").read_bytes() == (full / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_stop_signal_saves_and_the_rerun_continues_from_that_step(script, stopped_runs, full_runs):
+    (signalled, status), (continued, rerun_status) = (stopped_runs[script, n] for n in ("signalled", "continued"))
+    sig = signal.Signals(signalled["signal_when_saved"][0])
+    printed = helpers.log_of(signalled)
+    assert status == 128 + sig and "Traceback" not in printed, printed[-2000:]
+    saved = int(printed.split(f"{sig.name} received: saved step ")[1].split(".")[0])
+    # Run again without step saves: the only way to continue from `saved` is the checkpoint the signal wrote.
+    assert rerun_status == 0, helpers.log_of(continued)[-2000:]
+    assert f"step {saved}," in helpers.log_of(continued).split("Resumed from")[1].splitlines()[0]
+    assert final_weights(continued["out"]) == final_weights(full_runs[script])
 
 
 def test_a_run_called_in_process_gives_the_signals_back(setups, tmp_path):
@@ -250,6 +292,25 @@ def bad_inputs(tmp_path, script):
     return cases
 
 
+def training_samples(s, train, out):
+    """What the script should report for a training file, as it reports it: the classifier's rows (a quote-aware CSV
+    reader's), GPT-2's blocks of 32 tokens and the masked LM's (from every non-blank line, with <s> ... </s>)."""
+    import csv
+
+    from transformers import AutoTokenizer
+
+    if s.name == "train_classifier":
+        csv.field_size_limit(10**7)  # the huge line's text
+        return f"Data: {len(list(csv.DictReader(open(train, newline='', encoding='utf-8')))):,}"
+    lines = Path(train).read_text().splitlines(keepends=True)  # "\r\n" read as "\n", as datasets reads it
+    if s.name == "finetune_gpt2":
+        tokenizer = AutoTokenizer.from_pretrained(s.model)
+        return f"; {sum(len(tokenizer(line)['input_ids']) for line in lines) // 32}"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokens = sum(len(tokenizer(line.strip("\n"))["input_ids"]) for line in lines if line.strip())
+    return f"; {tokens // 32:,}"
+
+
 SWEEP = [
     (script, case)
     for script in SCRIPTS
@@ -278,8 +339,11 @@ def test_bad_input_sweep(script, case, setups, full_runs, tmp_path, capsys):
             args += ["--vocab_size", "261", "--min_frequency", "1"]
         if "model" in change:
             args += ["--model_name_or_path", str(change["model"])]
+        capsys.readouterr()
         state = s.module.main(args)
         assert state.completed_steps == 2
+        # Every row or line was read as written: the count the script reports is the one found here by hand.
+        assert f"{training_samples(s, train, out)} training" in capsys.readouterr().out
         return
     out = tmp_path / "run"  # an existing run: a bad command must not touch its checkpoints
     shutil.copytree(full_runs[script], out)

@@ -142,16 +142,25 @@ def test_unwritable_output_dir(tiny_bert, toy_files, tmp_path, capsys):
     assert "cannot create --output_dir" in line and "writable" in line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")
-def test_read_only_output_dir(tiny_bert, toy_files, tmp_path, capsys):
+def test_read_only_output_dir(tiny_bert, toy_files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "read-only"
     out.mkdir()
     out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into read-only folders anyway: the file system refuses as it would refuse
+        real_open = open
+
+        def read_only_open(file, mode="r", *args, **kwargs):
+            if str(file).startswith(str(out)) and set(mode) & set("wxa+"):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(common, "open", read_only_open, raising=False)  # the open() common.py calls
     try:
         exits_with_2(train_classifier.main, argv(tiny_bert, *toy_files, out))
     finally:
         out.chmod(0o755)
     assert "cannot write in --output_dir" in one_error_line(capsys)
+    assert not list(out.iterdir())  # nothing written
 
 
 # ---------------------------------------------------------------------------
@@ -192,6 +201,23 @@ def test_resuming_an_older_checkpoint_makes_its_continuation_the_newest(trained,
     assert saved == {"step_00000090": 90, newer.name: 100}
     state = train_classifier.main(args)
     assert state.completed_steps == 90
+
+
+def test_a_crash_between_the_two_renames_of_a_swap_loses_nothing(trained, tiny_bert, toy_files, tmp_path, capsys):
+    """swap_in renames the old folder away, then the new one in: a crash between the two leaves only .old-<name>
+    (and the new one's .tmp- folder). The next run puts the old one back, for a checkpoint and for best/."""
+    out = copy_of(trained, tmp_path)
+    newest = checkpoints(out)[-1]
+    newest.rename(newest.with_name(f".old-{newest.name}"))
+    (out / "checkpoints" / f".tmp-{newest.name}").mkdir()  # the new one, half written
+    (out / "best").rename(out / ".old-best")
+    capsys.readouterr()
+    state = train_classifier.main(argv(tiny_bert, *toy_files, out, "--num_train_epochs", 5))
+    printed = capsys.readouterr()
+    assert f"Resumed from {newest}: epoch 4, step 100" in printed.out
+    assert f"{newest} was being replaced" in printed.out and f"{out / 'best'} was being replaced" in printed.out
+    assert state.completed_steps == 125 and (out / "best" / "model.safetensors").exists()
+    assert not list((out / "checkpoints").glob(".*"))
 
 
 # ---------------------------------------------------------------------------

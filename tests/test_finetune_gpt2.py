@@ -3,11 +3,7 @@
 import json
 import math
 import random
-import shutil
-import signal
-import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import datasets
@@ -163,73 +159,15 @@ def test_validation_split_from_the_training_text(tiny_gpt2, text_files, tmp_path
     assert not (out / "samples.txt").exists()  # --max_new_tokens 0: no sample
 
 
-def test_sigkill_then_rerun_equals_uninterrupted(trained, tiny_gpt2, text_files, tmp_path):
-    out = tmp_path / "killed"
-    args = argv(tiny_gpt2, *text_files, out, "--checkpointing_steps", 2, "--archive")
-    total = newest_state(trained)["completed_steps"]
-    target = random.Random().randint(2, total - 4)
-    proc = subprocess.Popen(
-        helpers.script_command("finetune_gpt2.py", *args),
-        cwd=helpers.REPO,
-        env=helpers.offline_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+def test_each_run_in_one_process_gets_its_own_accelerate_settings(tiny_gpt2, text_files, tmp_path, capsys):
+    """main() called twice in one Python process (a notebook): Accelerate's process-wide state, which the first run
+    fixes (precision, --torch_compile), is made anew for the second."""
+    finetune_gpt2.main(
+        argv(tiny_gpt2, *text_files, tmp_path / "a", "--max_train_steps", 1, "--mixed_precision", "bf16")
     )
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        steps = [int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*")] if out.exists() else []
-        if any(s >= target for s in steps):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    assert proc.wait() == -signal.SIGKILL, f"not killed at step {target}"
-    assert newest_state(out)["completed_steps"] < total
-
-    resumed = helpers.run_script("finetune_gpt2.py", *args)
-    assert "Resumed from" in resumed.stdout
-    assert final_weights(out) == final_weights(trained), f"killed after step {target}"
-    assert (out / "best" / "model.safetensors").read_bytes() == (trained / "best" / "model.safetensors").read_bytes()
-    assert (out / "samples.txt").read_text() == (trained / "samples.txt").read_text()
-
-
-def test_torch_compile_trains_the_same_model_and_its_checkpoints_resume_without_it(
-    tiny_gpt2, text_files, tmp_path, capsys
-):
-    """--torch_compile changes how the model runs, not what it learns or what it saves;
-    and it ends with its run: the next run in the same process is not compiled."""
-    from safetensors.torch import load_file
-    from torch._dynamo.utils import counters
-
-    # Without dropout: compiled code draws its dropout masks from another generator.
-    model = Path(shutil.copytree(tiny_gpt2, tmp_path / "no-dropout"))
-    config = json.loads((model / "config.json").read_text())
-    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    (model / "config.json").write_text(json.dumps(config))
-
-    def run(out, steps, *extra):
-        args = argv(model, *text_files, out, "--max_train_steps", steps, "--checkpointing_steps", 3, *extra)
-        counters.clear()
-        state = finetune_gpt2.main(args + ["--max_new_tokens", "0"])
-        return state, counters["stats"]["unique_graphs"]
-
-    def weights(out):
-        return load_file(checkpoints(out)[-1] / "model.safetensors")
-
-    def assert_close(a, b):
-        assert a.keys() == b.keys()  # no "_orig_mod." prefixes from the compiled module
-        for name in a:  # the same up to the order of floating-point sums in the fused kernels
-            torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3, msg=name)
-
-    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    assert run(eager, 6)[1] == 0
-    assert run(compiled, 6, "--torch_compile")[1] > 0  # it did compile
-    assert_close(weights(compiled), weights(eager))
-    shutil.rmtree(checkpoints(compiled)[-1])  # back to step 3, saved by the compiled run,
-    capsys.readouterr()
-    state, graphs = run(compiled, 6)  # and resumed without compiling
-    assert "Resumed from" in capsys.readouterr().out and state.completed_steps == 6
-    assert graphs == 0  # Accelerate's process-wide settings did not carry --torch_compile over
-    assert_close(weights(compiled), weights(eager))
+    assert "mixed precision: bf16" in capsys.readouterr().out
+    finetune_gpt2.main(argv(tiny_gpt2, *text_files, tmp_path / "b", "--max_train_steps", 1, "--max_new_tokens", 0))
+    assert "mixed precision: no" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------

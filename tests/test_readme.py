@@ -21,4 +21,5 @@ def test_line_links_point_at_what_they_name():
 def test_ci_runs_the_readme_test_command():
     assert "python -m pytest tests" in README
     ci = (helpers.REPO / ".ci" / "run").read_text()
-    assert "-m pytest tests" in ci and re.search(r"pip install( -q)? -r requirements.txt", ci)
+    assert "-m pytest tests" in ci and re.search(r"pip install( -q)? -r requirements-dev.txt", ci)
+    assert "-r requirements.txt" in (helpers.REPO / "requirements-dev.txt").read_text()
