@@ -5,12 +5,18 @@ the lesson. Nothing here knows a script's model or data."""
 
 import argparse
 import atexit
+import collections
 import contextlib
+import copy
 import errno
 import glob
+import hashlib
+import itertools
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -21,10 +27,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
+import huggingface_hub
+import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object, is_torch_xla_available, set_seed
+from accelerate.utils import (
+    DistributedType,
+    broadcast_object_list,
+    find_executable_batch_size,
+    gather_object,
+    is_torch_xla_available,
+    set_seed,
+)
 from accelerate.utils import load as accelerate_load
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
@@ -49,7 +64,11 @@ def run(train_fn, parse_args, argv=None):
     """train_fn(parse_args(argv)), with a UserError (or a full or unwritable disk) turned into one line on stderr and
     exit code 2. The folder's lock and the signal handlers are given back however it ends (a notebook keeps Ctrl-C)."""
     try:
-        return train_fn(parse_args(argv))
+        args = parse_args(argv)
+        args.command = command_line(train_fn, sys.argv[1:] if argv is None else argv)  # for the model card
+        if args.auto_find_batch_size:
+            return train_with_a_batch_that_fits(train_fn, args)
+        return train_fn(args)
     except UserError as err:
         message = str(err)
     except OSError as err:
@@ -69,6 +88,49 @@ def run(train_fn, parse_args, argv=None):
     raise SystemExit(2) from None
 
 
+def command_line(train_fn, argv):
+    """The command that runs this again, as a shell reads it; a --hub_token never written down."""
+    argv = [str(arg) for arg in argv]
+    if "--hub_token" in argv:
+        argv[argv.index("--hub_token") + 1] = "$HF_TOKEN"
+    return shlex.join(["python", Path(sys.modules[train_fn.__module__].__file__).name, *argv])
+
+
+def train_with_a_batch_that_fits(train_fn, args):
+    """--auto_find_batch_size: Accelerate's find_executable_batch_size runs the training, and when the GPU runs out of
+    memory, runs it again with a smaller per-device batch (the largest divisor of the first one that halves it at
+    least) and as many more accumulated micro-batches: the same global batch, so the same schedule, and the run goes
+    on from its last checkpoint. The size that fits goes to <output_dir>/batch_size.json; a re-run starts there."""
+    first, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    record = resolve_output_dir(args, Path(sys.modules[train_fn.__module__].__file__).stem) / "batch_size.json"
+    size = first
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        if json.loads(record.read_text())["global_batch"] == first * accumulation:
+            size = json.loads(record.read_text())["per_device_train_batch_size"]
+            print(f"note: {record} says a per-device batch of {size} fits: starting with it")
+
+    def smaller():
+        nonlocal size
+        size = max([d for d in range(1, size // 2 + 1) if first % d == 0], default=0)
+        return size
+
+    @find_executable_batch_size(starting_batch_size=size, reduce_batch_size_fn=smaller)
+    def train_with(batch_size):
+        OutputLock.release_held()  # the try that ran out of memory held the folder
+        args.per_device_train_batch_size = batch_size
+        args.gradient_accumulation_steps = accumulation * first // batch_size
+        if batch_size != first:
+            print(
+                f"--auto_find_batch_size: per-device batch {batch_size} x {args.gradient_accumulation_steps} "
+                f"accumulated (the same global batch as {first} x {accumulation}), from the last checkpoint"
+            )
+            record.parent.mkdir(parents=True, exist_ok=True)
+            write_json(record, {"per_device_train_batch_size": batch_size, "global_batch": first * accumulation})
+        return train_fn(args)
+
+    return train_with()
+
+
 def first_line(err, limit=200):
     """An exception's message as one short line; its type when the message is empty."""
     text = str(err).strip()
@@ -85,9 +147,16 @@ def build_parser(docstring, **defaults):
     a("--dataset_config_name", help="configuration of --dataset_name")
     a("--train_file", help="local training data")
     a("--validation_file", help="local validation data")
+    a("--test_file", help="local test data, scored (or, for the classifier, predicted) with best/ after training")
     a("--validation_split_percentage", type=int, default=10, help="held out when there is no validation data")
     a("--max_train_samples", type=int, help="use only this many training samples (quick runs)")
     a("--max_eval_samples", type=int, help="use only this many validation samples (quick runs)")
+    a("--preprocessing_num_workers", type=int, help="processes that tokenize (default: every core this one may use)")
+    a(
+        "--streaming",
+        action="store_true",
+        help="read the data as training goes (larger than the disk); needs --max_train_steps",
+    )
     a("--output_dir", help=f"checkpoints and the model (default: outputs/<script>, in Colab {DRIVE_ROOT}/...)")
     a("--drive", action="store_true", help="Colab: put the outputs on Google Drive")
     a("--per_device_train_batch_size", type=int, default=8, help="batch size per GPU or process")
@@ -113,6 +182,12 @@ def build_parser(docstring, **defaults):
     a("--no_resume", action="store_true", help="start fresh, deleting the checkpoints in --output_dir")
     a("--logging_steps", type=int, default=10, help="log the training loss every N optimizer steps")
     a("--report_to", default="none", help="tensorboard, wandb, ... or all (Accelerate's trackers)")
+    a("--eval_only", action="store_true", help="only evaluate --model_name_or_path (and --test_file), no training")
+    a("--auto_find_batch_size", action="store_true", help="on a GPU out of memory: halve the batch, accumulate twice")
+    a("--push_to_hub", action="store_true", help="upload best/ with its model card to the Hugging Face Hub at the end")
+    a("--hub_model_id", help="the Hub repository (default: <your user>/<the output folder's name>)")
+    a("--hub_token", help="a Hub token that may write there (default: the one `hf auth login` saved)")
+    a("--hub_private_repo", action="store_true", help="make the Hub repository private")
     p.set_defaults(**defaults)
     return p
 
@@ -246,6 +321,7 @@ def process_exists(pid):
 
 # ---- Data files and data sets.
 VALIDATION_SPLITS = ("validation", "validation_matched", "valid", "dev")  # MNLI: validation_matched
+TEXTS = (".txt", ".raw", ".text")  # extensions of plain text files
 
 
 def input_files(pattern, flag, extensions):
@@ -293,12 +369,18 @@ def from_pretrained(auto_class, name, what="model", **options):
         ) from None
 
 
-def load_hub_dataset(name, config_name=None):
+def load_hub_dataset(name, config_name=None, streaming=False):
     """The train split and the validation split (None if there is none) of a hub data set
     or of a folder saved with `save_to_disk`; one clear line when it cannot be had."""
     try:
         saved = (Path(name) / "dataset_dict.json").exists()  # a folder written by save_to_disk
-        raw = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, config_name)
+        if saved:
+            raw = datasets.load_from_disk(name)
+            raw = (
+                datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in raw.items()}) if streaming else raw
+            )
+        else:
+            raw = datasets.load_dataset(name, config_name, streaming=streaming)
     except (OSError, ValueError) as err:  # OSError: FileNotFoundError and network errors
         raise UserError(
             f"--dataset_name {name}: cannot load it ({first_line(err)}); check the name and the network, "
@@ -309,13 +391,25 @@ def load_hub_dataset(name, config_name=None):
     return raw["train"], next((raw[split] for split in VALIDATION_SPLITS if split in raw), None)
 
 
+def load_hub_test_split(name, config_name=None):
+    """The test split of a hub data set (MNLI: test_matched), or a clear line that it has none."""
+    saved = (Path(name) / "dataset_dict.json").exists()
+    raw = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, config_name)
+    for split in ("test", "test_matched"):
+        if split in raw:
+            return raw[split]
+    raise UserError(f"--do_predict: --dataset_name {name} has no 'test' split (it has {list(raw)}); pass --test_file")
+
+
 def load_text_data(args, keep_linebreaks=True):
     """Train and validation data sets with one `text` row per line, from local files (globs allowed) or the hub.
     keep_linebreaks leaves each line's "\\n", as WikiText has it, so packed text keeps its lines. Without validation
     text, the last --validation_split_percentage of the lines are held out (contiguous, not interleaved)."""
+    if args.streaming:
+        return load_text_stream(args, keep_linebreaks)
 
     def load_files(pattern, flag):
-        files = input_files(pattern, flag, (".txt", ".raw", ".text"))
+        files = input_files(pattern, flag, TEXTS)
         return datasets.load_dataset("text", data_files=files, split="train", keep_linebreaks=keep_linebreaks)
 
     if args.train_file:
@@ -329,9 +423,54 @@ def load_text_data(args, keep_linebreaks=True):
         n = len(train) - max(1, len(train) * args.validation_split_percentage // 100)
         train, validation = train.select(range(n)), train.select(range(n, len(train)))
     for split, data, source in (("train", train, args.train_file), ("validation", validation, args.validation_file)):
-        if not any(line.strip() for line in data["text"]):
+        if not has_text(data):
             raise UserError(f"{source or args.train_file or args.dataset_name}: the {split} text is empty; add text")
     return first_n(train, args.max_train_samples), first_n(validation, args.max_eval_samples)
+
+
+def load_text_stream(args, keep_linebreaks):
+    """--streaming: the training lines as they are read (a datasets IterableDataset), for text larger than the disk,
+    and the first --max_eval_samples validation lines (10,000 unless given), which evaluation reads into memory."""
+    if args.max_train_steps is None:
+        raise UserError("--streaming needs --max_train_steps: a stream's length is not known before it ends")
+    text = {"split": "train", "streaming": True, "keep_linebreaks": keep_linebreaks}
+    if args.train_file:
+        train = datasets.load_dataset("text", data_files=input_files(args.train_file, "--train_file", TEXTS), **text)
+        validation = None
+        if args.validation_file:
+            files = input_files(args.validation_file, "--validation_file", TEXTS)
+            validation = datasets.load_dataset("text", data_files=files, **text)
+    else:
+        train, validation = load_hub_dataset(args.dataset_name, args.dataset_config_name, streaming=True)
+    if validation is None:  # a percentage of a stream of unknown length cannot be held out
+        raise UserError(
+            "--streaming cannot hold out --validation_split_percentage of a stream: pass --validation_file, or a data "
+            "set with a validation split"
+        )
+    if args.max_train_samples:
+        train = train.take(args.max_train_samples)
+    if not args.max_eval_samples:
+        print(
+            "note: --streaming evaluates on the first 10,000 validation lines; --max_eval_samples sets another number"
+        )
+    return train, validation.take(args.max_eval_samples or 10_000)
+
+
+def load_test_text(args, keep_linebreaks=True):
+    """--test_file's lines (held-out text, scored with best/ after training), or None without it."""
+    if not args.test_file:
+        return None
+    files = input_files(args.test_file, "--test_file", TEXTS)
+    return datasets.load_dataset("text", data_files=files, split="train", keep_linebreaks=keep_linebreaks)
+
+
+def has_text(data):
+    """Whether any line holds more than white space; read a batch at a time (never the whole text at once)."""
+    for batch in data.iter(batch_size=10_000):
+        for line in batch["text"]:
+            if line.strip():
+                return True
+    return False
 
 
 def first_n(data, count):
@@ -339,12 +478,156 @@ def first_n(data, count):
     return data.select(range(min(count, len(data)))) if count else data
 
 
-def group_texts(examples, block_size):
-    """For `Dataset.map(batched=True)`: concatenate a batch of token lists and cut it into blocks of exactly
-    `block_size` tokens, so no compute goes to padding. The tail short of a block is dropped (batch_size=None: one)."""
-    concatenated = {k: [t for seq in examples[k] for t in seq] for k in examples}
-    total = (len(next(iter(concatenated.values()))) // block_size) * block_size
-    return {k: [seq[i : i + block_size] for i in range(0, total, block_size)] for k, seq in concatenated.items()}
+def preprocessing_workers(args):
+    """--preprocessing_num_workers, else every core this process may use."""
+    if args.preprocessing_num_workers:
+        return args.preprocessing_num_workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+class TokenFile:
+    """Every token of a text, one line after the other, in one flat file (uint16 where the vocabulary fits, else
+    uint32), as nanoGPT's prepare.py writes a corpus: training reads slices of it through np.memmap, so memory stays
+    flat however large the text, and a re-run of the same command finds it and starts at once. <name>.json, written
+    last, records its size: a file without it, or of another size, was cut short (a kill while writing) and is made
+    again. <name>.lines holds where each line starts, for samples that are lines."""
+
+    def __init__(self, path):
+        self.path, self.meta_path, self.lines_path = Path(path), Path(f"{path}.json"), Path(f"{path}.lines")
+        self.meta, self._tokens, self._starts = None, None, None
+
+    def whole(self):
+        try:
+            meta = json.loads(self.meta_path.read_text())
+            whole = self.path.stat().st_size == meta["tokens"] * np.dtype(meta["dtype"]).itemsize
+            whole = whole and self.lines_path.stat().st_size == 8 * (meta["lines"] + 1)
+        except (OSError, ValueError, KeyError):
+            return False
+        self.meta = meta
+        return whole
+
+    def tokens(self):
+        """All the tokens, as an array on disk (np.memmap): slicing it reads only that slice."""
+        if self._tokens is None:  # opened in each process that reads it: a DataLoader worker too
+            self._tokens = np.memmap(self.path, dtype=self.meta["dtype"], mode="r", shape=(self.meta["tokens"],))
+        return self._tokens
+
+    def line_starts(self):
+        """Where each line's tokens start, and where the last one ends."""
+        if self._starts is None:
+            self._starts = np.memmap(self.lines_path, dtype=np.int64, mode="r", shape=(self.meta["lines"] + 1,))
+        return self._starts
+
+    def __getstate__(self):  # a DataLoader worker opens the files itself, rather than copying their contents
+        return {**self.__dict__, "_tokens": None, "_starts": None}
+
+    def write(self, encoded, vocabulary_size):
+        """Write the `input_ids` of a mapped data set, in order, a batch at a time; then the record."""
+        dtype = np.uint16 if vocabulary_size <= 2**16 else np.uint32
+        lengths = encoded.select_columns(["length"]).with_format("numpy")
+        total = sum(int(batch["length"].sum()) for batch in lengths.iter(batch_size=100_000))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for old in self.path.parent.glob(f".tmp-*-{self.path.name}*"):  # left by a run killed while it wrote
+            writer = old.name.split("-")[1]
+            if writer == str(os.getpid()) or not process_exists(writer):
+                old.unlink()
+        tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")  # machines sharing a cache may race
+        tokens = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(total, 1),))
+        starts = np.memmap(f"{tmp}.lines", dtype=np.int64, mode="w+", shape=(len(encoded) + 1,))
+        position, line = 0, 0
+        for batch in encoded.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=10_000):
+            column = batch.column("input_ids").combine_chunks()  # a list per line; flatten(): one array, no copy
+            values = column.flatten().to_numpy()
+            tokens[position : position + len(values)] = values
+            lengths = np.diff(column.offsets.to_numpy())
+            starts[line + 1 : line + 1 + len(lengths)] = position + np.cumsum(lengths)
+            position, line = position + len(values), line + len(lengths)
+        for array in (tokens, starts):
+            array.flush()
+        del tokens, starts
+        if total == 0:
+            os.truncate(tmp, 0)
+        os.replace(f"{tmp}.lines", self.lines_path)
+        os.replace(tmp, self.path)
+        write_json(self.meta_path, {"tokens": total, "lines": len(encoded), "dtype": np.dtype(dtype).name})
+        self.whole()
+
+
+def tokenize_to_file(texts, tokenize, tokenizer, args, what, recipe):
+    """The TokenFile of `texts` (a `text` column): `tokenize(list of lines)` -> the token ids of each line (fewer
+    lists to drop lines). Made once, on --preprocessing_num_workers processes, and found again by what determines
+    its content: the text (the data set's fingerprint, which changes with the files), the tokenizer and the
+    `recipe`. It lives beside the datasets cache (HF_DATASETS_CACHE), which each machine has its own of."""
+    key = [texts._fingerprint, tokenizer_fingerprint(tokenizer), recipe]
+    name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
+    token_file = TokenFile(Path(datasets.config.HF_DATASETS_CACHE) / "lm-tokens" / f"{name}.bin")
+    if token_file.whole():
+        print(f"Tokens of the {what} text: {token_file.meta['tokens']:,}, from {token_file.path}")
+        return token_file
+
+    def encode(batch):
+        ids = tokenize(batch["text"])
+        return {"input_ids": ids, "length": [len(line) for line in ids]}
+
+    started, workers = time.perf_counter(), min(preprocessing_workers(args), max(1, len(texts)))
+    text_bytes = texts.data.nbytes  # the text as Arrow holds it, about its size in UTF-8
+    # The fast tokenizer's own threads and forked worker processes do not mix: with workers, each one thread.
+    threads = os.environ.get("TOKENIZERS_PARALLELISM")
+    if workers > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        encoded = texts.map(
+            encode, batched=True, num_proc=workers if workers > 1 else None, remove_columns=texts.column_names,
+            desc=f"Tokenizing the {what} text ({workers} process{'es' if workers > 1 else ''})",
+        )  # fmt: skip
+    finally:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        if threads is not None:
+            os.environ["TOKENIZERS_PARALLELISM"] = threads
+    token_file.write(encoded, len(tokenizer))
+    for cache in encoded.cache_files:  # the token file has it all now: free the disk
+        with contextlib.suppress(OSError):
+            os.remove(cache["filename"])
+    seconds = time.perf_counter() - started
+    print(
+        f"Tokenized the {what} text: {token_file.meta['tokens']:,} tokens from {text_bytes / 1e6:,.1f} MB in "
+        f"{seconds:.1f} s ({text_bytes / 1e6 / seconds:.2f} MB/s, {workers} worker(s)); saved in {token_file.path}"
+    )
+    return token_file
+
+
+def tokenizer_fingerprint(tokenizer):
+    """What makes a tokenizer's ids: its class and its vocabulary, merges and rules (tokenizer.json)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}{rules}".encode()).hexdigest()
+
+
+class TokenSamples(torch.utils.data.Dataset):
+    """Training samples read from a TokenFile: blocks of exactly `block_size` tokens cut from the one stream (only the
+    final partial block is left out: no padding, every position a prediction), or each line as it was tokenized
+    (block_size None). `special_ids`: also give the attention mask and which tokens are special (never masked)."""
+
+    def __init__(self, token_file, block_size=None, special_ids=None):
+        self.token_file, self.block_size = token_file, block_size
+        self.special_ids = None if special_ids is None else np.array(sorted(special_ids))
+
+    def __len__(self):
+        if self.block_size:
+            return self.token_file.meta["tokens"] // self.block_size
+        return self.token_file.meta["lines"]
+
+    def __getitem__(self, index):
+        if self.block_size:
+            start, end = index * self.block_size, (index + 1) * self.block_size
+        else:
+            start, end = self.token_file.line_starts()[index : index + 2]
+        ids = self.token_file.tokens()[start:end].astype(np.int64)
+        sample = {"input_ids": torch.from_numpy(ids)}
+        if self.special_ids is not None:
+            sample["attention_mask"] = torch.ones_like(sample["input_ids"])
+            sample["special_tokens_mask"] = torch.from_numpy(np.isin(ids, self.special_ids).astype(np.int64))
+        return sample
 
 
 def global_batch_size(args, accelerator):
@@ -380,6 +663,77 @@ class EpochSampler(torch.utils.data.Sampler):
         return math.ceil(self.num_samples / self.global_batch) * self.global_batch
 
 
+class StreamedBlocks(torch.utils.data.IterableDataset):
+    """Training samples from a stream of lines (--streaming): the lines tokenized 1,000 at a time and packed into one
+    stream of blocks of `block_size` tokens, as from a token file (or each line, block_size None), `special_ids` as in
+    TokenSamples. It notes where in the stream each block it gives ends, so a checkpoint records the place of the
+    blocks training has used (position_after), not of those the DataLoader already fetched ahead, and a run resumed
+    there (start_at) goes on with the very next block. The stream is read in order: a shuffle buffer could not be
+    restored exactly."""
+
+    def __init__(self, lines, tokenize, block_size=None, special_ids=None):
+        self.lines, self.tokenize, self.block_size = lines, tokenize, block_size
+        self.special_ids = None if special_ids is None else np.array(sorted(special_ids))
+        self.start, self.positions = None, collections.deque(maxlen=10_000)  # (blocks given, where they end)
+
+    def start_at(self, position):
+        self.start = position  # None: the stream's beginning
+
+    def position_after(self, blocks):
+        """Where the stream stands once `blocks` of its blocks (counted from the start of this pass) are used: the
+        batch of lines that holds the next block's first token, the line in it, and the token in that line."""
+        for given, position in self.positions:
+            if given == blocks:
+                return position
+        return self.start  # none given yet in this run: where it started
+
+    def __iter__(self):
+        start, self.start = self.start or {"given": 0, "source": None, "line": 0, "token": 0}, None
+        if start["source"] is not None:
+            self.lines.load_state_dict(start["source"])
+        given, buffer, source, resuming = start["given"], [], start["source"], True
+        lines = iter(self.lines)
+        while True:
+            batch = [row["text"] for row in itertools.islice(lines, 1000)]
+            if not batch:
+                return
+            for number, ids in enumerate(self.tokenize(batch)):
+                offset = 0  # where in the line its tokens start: a resumed run may have used the first ones
+                if resuming and number < start["line"]:  # lines a resumed run has used already
+                    continue
+                if resuming and number == start["line"]:
+                    offset = start["token"]
+                resuming = False
+                for piece, rest in self.cut(buffer, ids[offset:]):
+                    given += 1
+                    # After this block: this batch of lines, the line (or the next one), the token the rest begins at.
+                    line, token = (number, len(ids) - rest) if rest else (number + 1, 0)
+                    self.positions.append((given, {"given": given, "source": source, "line": line, "token": token}))
+                    yield self.sample(piece)
+            source, resuming = copy.deepcopy(self.lines.state_dict()), False  # where the next batch starts
+
+    def cut(self, buffer, ids):
+        """The blocks that `ids` completes, each with how many tokens of the stream are left after it (they stay in
+        `buffer`, for the next block); a line as it is without block_size."""
+        if self.block_size is None:
+            return [(ids, 0)]
+        buffer.extend(ids)
+        blocks, start = [], 0
+        while len(buffer) - start >= self.block_size:
+            blocks.append((buffer[start : start + self.block_size], len(buffer) - start - self.block_size))
+            start += self.block_size
+        del buffer[:start]
+        return blocks
+
+    def sample(self, ids):
+        ids = np.array(ids, dtype=np.int64)
+        sample = {"input_ids": torch.from_numpy(ids)}
+        if self.special_ids is not None:
+            sample["attention_mask"] = torch.ones_like(sample["input_ids"])
+            sample["special_tokens_mask"] = torch.from_numpy(np.isin(ids, self.special_ids).astype(np.int64))
+        return sample
+
+
 def make_dataloaders(args, accelerator, train_data, eval_data, collate_fn, sampler=None, eval_collator=None):
     """The training DataLoader, in an EpochSampler's order (or `sampler`'s), and the evaluation one. On a GPU, worker
     processes build the next batches while it computes, into pinned memory it copies from faster."""
@@ -390,20 +744,38 @@ def make_dataloaders(args, accelerator, train_data, eval_data, collate_fn, sampl
     options = dict(collate_fn=collate_fn, num_workers=workers, persistent_workers=workers > 0, pin_memory=on_gpu)
     # A generator of their own: without one, each new pass over a DataLoader draws a seed from the global random state,
     # which dropout uses and checkpoints restore, so a resumed run (one pass more) would drop other units.
-    if sampler is None:
-        sampler = EpochSampler(len(train_data), global_batch_size(args, accelerator), args.seed)
-    train = DataLoader(
-        train_data, args.per_device_train_batch_size, sampler=sampler, generator=torch.Generator(), **options
+    if isinstance(train_data, torch.utils.data.IterableDataset):  # a stream: it keeps its place in this process
+        train = DataLoader(
+            train_data,
+            args.per_device_train_batch_size,
+            collate_fn=collate_fn,
+            pin_memory=on_gpu,
+            generator=torch.Generator(),
+        )
+    else:
+        sampler = sampler or EpochSampler(len(train_data), global_batch_size(args, accelerator), args.seed)
+        train = DataLoader(
+            train_data, args.per_device_train_batch_size, sampler=sampler, generator=torch.Generator(), **options
+        )
+    return train, make_eval_dataloader(args, accelerator, eval_data, eval_collator or collate_fn)
+
+
+def make_eval_dataloader(args, accelerator, data, collate_fn):
+    """A DataLoader for evaluation: in order, --per_device_eval_batch_size samples a batch."""
+    on_gpu = accelerator.device.type == "cuda"
+    workers = 2 if on_gpu else 0
+    if args.dataloader_num_workers is not None:
+        workers = args.dataloader_num_workers
+    options = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=on_gpu)
+    return DataLoader(
+        data, args.per_device_eval_batch_size, collate_fn=collate_fn, generator=torch.Generator(), **options
     )
-    options["collate_fn"] = eval_collator or collate_fn
-    evaluation = DataLoader(eval_data, args.per_device_eval_batch_size, generator=torch.Generator(), **options)
-    return train, evaluation
 
 
 # ---- Device, precision, processes; optimizer and schedule.
 def setup(args, script_name):
-    """Check the flags, settle the output folder (args.output_dir: Drive in Colab), start
-    the Accelerator (device, precision, processes), lock the folder, seed, start trackers."""
+    """Check the flags, settle where the outputs go (args.output_dir: Drive in Colab; args.hub_model_id with
+    --push_to_hub), start the Accelerator (device, precision, processes), lock the folder, seed, start trackers."""
     check_args(args)
     args.output_dir = str(resolve_output_dir(args, script_name))
     if torch.cuda.is_available():
@@ -422,6 +794,13 @@ def setup(args, script_name):
         project_dir=args.output_dir,
         # One scheduler step per optimizer step; Accelerate's default (one per process) would miscount warmup and decay.
         step_scheduler_with_optimizer=False,
+        # --streaming: each process reads the stream and keeps its share of each batch (its place in the stream is
+        # then known in every process, and batches stay where the script wants them: on the CPU for masking).
+        dataloader_config=DataLoaderConfiguration(
+            dispatch_batches=False if args.streaming else None,
+            # A GPU's batches come from pinned memory: copy them without making the CPU wait for the copy.
+            non_blocking=torch.cuda.is_available(),
+        ),
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and accelerator.num_processes == 1:  # torchrun without GPUs: each would train alone
@@ -431,11 +810,54 @@ def setup(args, script_name):
         )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, args)
+    if args.push_to_hub:  # before any data or model is loaded: an upload that cannot happen stops the run now
+        problem_or_repo = [hub_repository(args) if accelerator.is_main_process else None]
+        problem, args.hub_model_id = broadcast_object_list(problem_or_repo)[0]
+        if problem:
+            raise UserError(problem)
     lock_output_dir(accelerator, args.output_dir)
     set_seed(args.seed)
-    if args.report_to != "none":
-        accelerator.init_trackers(script_name, config=vars(args))
+    if args.report_to != "none":  # the settings, without a secret
+        accelerator.init_trackers(script_name, config={k: v for k, v in vars(args).items() if k != "hub_token"})
     return accelerator
+
+
+def hub_repository(args):
+    """--push_to_hub: (a problem, or None; the repository). The Hub must answer, the token be valid, and the
+    repository be made (or exist) with it, which it may only if it may write there: as Hugging Face's example
+    scripts, it is made now, not after hours of training."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return (
+            "--push_to_hub: HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it, or drop --push_to_hub",
+            None,
+        )
+    api = huggingface_hub.HfApi(token=args.hub_token)
+    try:
+        repo = args.hub_model_id or f"{api.whoami()['name']}/{Path(args.output_dir).name}"
+        api.create_repo(repo, private=args.hub_private_repo, exist_ok=True)
+    except huggingface_hub.errors.HfHubHTTPError as err:
+        why = "the token may not write there" if err.response is not None and err.response.status_code == 403 else ""
+        return f"--push_to_hub: the Hub refused ({first_line(err)}){'; ' + why if why else ''}; pass --hub_token " \
+            "with write access (or `hf auth login`), or another --hub_model_id", None  # fmt: skip
+    except Exception as err:  # no network, no token saved
+        return f"--push_to_hub: cannot reach the Hub or log in ({first_line(err)}); check the network and " \
+            "`hf auth login`, or drop --push_to_hub", None  # fmt: skip
+    return None, repo
+
+
+def push_to_hub(args, folder, step):
+    """Upload best/ and its card: one call to huggingface_hub. A failure leaves the local model as it is, and the
+    same command, run again after the training finished, tries only the upload again."""
+    try:
+        huggingface_hub.HfApi(token=args.hub_token).upload_folder(
+            repo_id=args.hub_model_id, folder_path=folder, commit_message=f"best/ at step {step}"
+        )
+    except Exception as err:  # the network, the Hub, the quota: the model is safe on disk
+        raise UserError(
+            f"--push_to_hub: uploading {folder} to {args.hub_model_id} failed ({first_line(err)}); it is safe on "
+            "disk: run the same command again to retry the upload"
+        ) from None
+    print(f"Uploaded {folder} to https://huggingface.co/{args.hub_model_id}")
 
 
 def choose_mixed_precision(requested):
@@ -560,14 +982,24 @@ def make_scheduler(accelerator, optimizer, args, train_dataloader):
     """The learning-rate schedule, counted in optimizer steps. Made before `prepare`, which must see it with the model
     and the optimizer (DeepSpeed drives it from its engine then, and checkpoints hold it), so the training batches per
     process are counted here: the EpochSampler makes them divide exactly."""
-    batches_per_process = len(train_dataloader) // accelerator.num_processes
-    total_steps = training_steps(batches_per_process, args)[1]
+    total_steps = training_steps(batches_per_process(train_dataloader, accelerator.num_processes), args)[1]
     return get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
+
+
+def batches_per_process(dataloader, num_processes=1):
+    """Batches an epoch gives each process: a dataloader before `prepare` gives them all (num_processes splits
+    them); a stream (--streaming) has no length (None)."""
+    if isinstance(dataloader.dataset, torch.utils.data.IterableDataset):
+        return None
+    return len(dataloader) // num_processes
 
 
 def training_steps(batches_per_epoch, args):
     """Optimizer steps per epoch, in total, and the number of epochs that takes. `batches_per_epoch` is per process (the
-    prepared dataloader's length); a partial accumulation at the end of an epoch still makes an optimizer step."""
+    prepared dataloader's length); a partial accumulation at the end of an epoch still makes an optimizer step. A
+    stream (None) is one epoch of --max_train_steps, unless it ends first."""
+    if batches_per_epoch is None:
+        return args.max_train_steps, args.max_train_steps, 1
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
@@ -586,13 +1018,17 @@ class TrainingState:
     evals_without_improvement: int = 0
     stopped_early: bool = False
     log_history: list = field(default_factory=list)
+    stream_position: dict | None = None  # --streaming: where in the stream the used blocks end (StreamedBlocks)
+    train_seconds: float = 0.0  # time spent in this run and the ones it resumed (for the model card)
 
 
 # Flags that may change when a run resumes: how long it trains, how it saves, logs and runs, not what it learns. Every
 # other flag must match the checkpoint's (a script adds its harmless ones, such as its demo's prompt).
 MAY_CHANGE_ON_RESUME = """num_train_epochs max_train_steps early_stopping_patience output_dir drive
     checkpointing_steps save_every_minutes keep_last resume_from_checkpoint no_resume logging_steps
-    report_to per_device_eval_batch_size dataloader_num_workers mixed_precision torch_compile""".split()
+    report_to per_device_eval_batch_size dataloader_num_workers mixed_precision torch_compile
+    preprocessing_num_workers eval_only test_file auto_find_batch_size push_to_hub hub_model_id hub_token
+    hub_private_repo""".split()
 # These three may change together when their product, the global batch, stays the same.
 BATCH_GEOMETRY = ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps")
 
@@ -606,7 +1042,7 @@ class Checkpointer:
     def __init__(self, accelerator, output_dir, args, settings, may_change=()):
         self.accelerator, self.args = accelerator, args
         self.dir = Path(output_dir) / "checkpoints"
-        harmless = set(MAY_CHANGE_ON_RESUME) | set(may_change)
+        harmless = set(MAY_CHANGE_ON_RESUME) | set(may_change) | {"command"}  # (its flags are checked one by one)
         self.settings = {k: v for k, v in vars(args).items() if k not in harmless}
         self.settings.update(settings, num_processes=accelerator.num_processes)
         self.last_save_time = time.monotonic()
@@ -850,9 +1286,10 @@ def fsync_folder(folder):
         os.close(descriptor)
 
 
-def export_model(accelerator, model, tokenizer, path):
-    """A model folder that `from_pretrained` and `pipeline` load, swapped in atomically. Every process takes part: under
-    FSDP or DeepSpeed ZeRO-3 each holds a shard, and `get_state_dict` gathers the full weights."""
+def export_model(accelerator, model, tokenizer, path, card=None):
+    """A model folder that `from_pretrained` and `pipeline` load, with its model card (README.md), swapped in
+    atomically. Every process takes part: under FSDP or DeepSpeed ZeRO-3 each holds a shard, and `get_state_dict`
+    gathers the full weights."""
     try:
         state_dict = accelerator.get_state_dict(model)
     except ValueError as err:  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save
@@ -867,26 +1304,108 @@ def export_model(accelerator, model, tokenizer, path):
         delete_tree(tmp)
         accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+        if card is not None:
+            card.save(tmp / "README.md")
         swap_in(tmp, path)
     accelerator.wait_for_everyone()
 
 
+def model_card(args, about, state, metrics, config, hardware):
+    """best/README.md, for people and for the Hub (whose metadata huggingface_hub's ModelCardData writes): what the
+    model does and what it started from, its data, its metrics and the step they were reached at, the command that
+    trains it again, the main settings, the hardware and the time, the evaluations so far, the loss curve.
+    `about`: the script's pipeline_tag and task; `metrics`: best/'s, as in eval_results.json."""
+    scores = {key: value for key, value in metrics.items() if key != "step"}
+    meta = card_metadata(args, about, scores)
+    name, base = Path(args.output_dir).name, args.model_name_or_path
+    if base:
+        origin = (
+            f"fine-tuned from [{base}](https://huggingface.co/{base})" if meta.base_model else f"fine-tuned from {base}"
+        )
+    else:
+        sizes = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+        origin = f"trained from scratch ({type(config).__name__}: "
+        origin += ", ".join(f"{size} {getattr(config, size)}" for size in sizes) + ")"
+    text = [f"# {name}", "", f"A model for {about['task']}, {origin}.", ""]
+    text += ["## Results", "", f"Evaluated at optimizer step {metrics.get('step')} of {state.completed_steps}:", ""]
+    text += ["| metric | value |", "|---|---|"] + [f"| {key} | {value:.4f} |" for key, value in scores.items()]
+    held_out = f"the last {args.validation_split_percentage}% of the training lines or rows"
+    text += ["", "## Data", "", f"Training: {data_name(args)}. Validation: {args.validation_file or held_out}.", ""]
+    text += ["## Training", "", "Trained (and resumed where it stopped) with:", "", "```bash", args.command, "```", ""]
+    text += ["| setting | value |", "|---|---|"]
+    global_batch = f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulated"
+    settings = {
+        "learning rate": f"{args.learning_rate}, {args.lr_scheduler_type}, {args.num_warmup_steps} warmup steps",
+        "weight decay, gradient clipping": f"{args.weight_decay}, {args.max_grad_norm}",
+        "batch": f"{global_batch} x {hardware['processes']} process(es)",
+        "seed": args.seed,
+        "hardware": f"{hardware['processes']} x {hardware['device']}, mixed precision {hardware['precision']}",
+        "training time": f"{state.train_seconds / 3600:.2f} hours",
+    }
+    text += [f"| {key} | {value} |" for key, value in settings.items()]
+    evaluations = [entry for entry in state.log_history if "eval_loss" in entry]
+    if evaluations:
+        keys = [key for key in evaluations[-1] if key.startswith("eval_")]
+        text += ["", "## Evaluations", "", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for entry in evaluations:
+            text.append(f"| {entry['step']} | " + " | ".join(f"{entry[key]:.4f}" for key in keys) + " |")
+    if (Path(args.output_dir) / "best" / "loss.png").exists():
+        text += ["", "![The training loss and the evaluations](loss.png)"]
+    return huggingface_hub.ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(text) + "\n")
+
+
+def card_metadata(args, about, scores):
+    """The model card's metadata, which the Hub reads: library, pipeline, base model and data set (when they are on
+    the Hub), metrics and results (model-index)."""
+    base = args.model_name_or_path
+    hub_data = None if args.train_file else args.dataset_name
+    results = []
+    for key, value in scores.items():
+        result = huggingface_hub.EvalResult(
+            task_type=about["pipeline_tag"], dataset_type=hub_data or "local", dataset_name=data_name(args),
+            metric_type=key, metric_value=value,
+        )  # fmt: skip
+        results.append(result)
+    return huggingface_hub.ModelCardData(
+        library_name="transformers",
+        pipeline_tag=about["pipeline_tag"],
+        base_model=base if base and not Path(base).exists() else None,  # a hub name, not a local folder
+        datasets=[hub_data] if hub_data else None,
+        metrics=sorted({key.removeprefix("test_") for key in scores}),
+        model_name=Path(args.output_dir).name,
+        eval_results=results,
+    )
+
+
+def data_name(args):
+    return args.train_file or f"{args.dataset_name} ({args.dataset_config_name or 'default'})"
+
+
 class Run:
     """Resumes from the newest checkpoint; then counts batches and optimizer steps, logs (Progress) and saves when due,
-    and at each epoch's end keeps the best model and checkpoints. `settings`, `may_change`: see Checkpointer."""
+    and at each epoch's end keeps the best model and checkpoints. `settings`, `may_change`: see Checkpointer; `stream`:
+    a StreamedBlocks (--streaming); `about`: the pipeline tag and the task, for the model card."""
 
-    def __init__(self, accelerator, args, model, tokenizer, lr_scheduler, dataloader, flops, settings, may_change=()):
-        self.accelerator, self.args, self.model, self.tokenizer = accelerator, args, model, tokenizer
+    def __init__(
+        self, accelerator, args, *, model, tokenizer, lr_scheduler, train_dataloader, flops_per_token, settings,
+        may_change=(), stream=None, about,
+    ):  # fmt: skip
+        self.accelerator, self.args = accelerator, args
+        self.model, self.tokenizer, self.stream, self.about = model, tokenizer, stream, about
         self.output_dir = Path(args.output_dir)
         self.best_dir = self.output_dir / "best"
         self.metric = getattr(args, "metric_for_best_model", "loss")  # picks best/; lower is better for a loss
-        self.steps_per_epoch, self.total_steps, self.num_epochs = training_steps(len(dataloader), args)
+        batches = batches_per_process(train_dataloader)
+        self.steps_per_epoch, self.total_steps, self.num_epochs = training_steps(batches, args)
         self.checkpointer = Checkpointer(accelerator, self.output_dir, args, settings, may_change)
         if accelerator.is_main_process:
             recover_swaps(self.output_dir)  # best/, if a crash came while it was replaced
         self.state = self.checkpointer.resume()
+        self.started, self.seconds_before = time.monotonic(), self.state.train_seconds
+        if stream is not None:  # --streaming: the stream goes on from the checkpoint's place in it
+            stream.start_at(self.state.stream_position)
         StopSignals.catch()
-        self.progress = Progress(accelerator, self, lr_scheduler, flops)
+        self.progress = Progress(accelerator, self, lr_scheduler, flops_per_token)
 
     def finished(self):
         return self.state.completed_steps >= self.total_steps or self.state.stopped_early
@@ -899,12 +1418,14 @@ class Run:
     def batches(self, dataloader):
         """This epoch's batches, without those a resumed run already trained on, up to the last step."""
         done = self.state.batch_in_epoch
-        for batch in self.accelerator.skip_first_batches(dataloader, done) if done else dataloader:
+        if done and self.stream is None:  # (a stream starts where the checkpoint says)
+            dataloader = self.accelerator.skip_first_batches(dataloader, done)
+        for batch in dataloader:
             if self.state.completed_steps >= self.total_steps:
                 break
             yield batch
-        if self.state.batch_in_epoch >= len(dataloader):  # the epoch ran to its end
-            self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+        else:  # no break: the epoch ran to its end
+            self.state.epoch, self.state.batch_in_epoch, self.state.stream_position = self.state.epoch + 1, 0, None
             # Accelerate counts micro-batches towards the next optimizer step and starts again at a dataloader's end.
             # A run resumed from a checkpoint saved at that end saw no batch: start again here too.
             self.accelerator.step = 0
@@ -918,6 +1439,13 @@ class Run:
             self.state.completed_steps += 1
             self.progress.step()
             if self.save_due():
+                if self.stream is not None:  # where the blocks used so far end (not those fetched ahead)
+                    used = (
+                        self.state.batch_in_epoch
+                        * self.args.per_device_train_batch_size
+                        * self.accelerator.num_processes
+                    )
+                    self.state.stream_position = self.stream.position_after(used)
                 self.progress.throughput.pause()
                 self.checkpointer.save(self.state)  # exits here if a signal asked for the save
                 self.progress.throughput.resume()
@@ -932,9 +1460,10 @@ class Run:
         value, best = metrics[self.metric], state.best_metric
         if best is None or (value < best if self.metric == "loss" else value > best):
             state.best_metric, state.best_step, state.evals_without_improvement = value, state.completed_steps, 0
-            export_model(self.accelerator, self.model, self.tokenizer, self.best_dir)
+            results = {"step": state.completed_steps, **metrics}
+            export_model(self.accelerator, self.model, self.tokenizer, self.best_dir, self.model_card(results))
             if self.accelerator.is_main_process:
-                write_json(self.output_dir / "eval_results.json", {"step": state.completed_steps, **metrics})
+                write_json(self.output_dir / "eval_results.json", results)
         else:
             state.evals_without_improvement += 1
             if patience and state.evals_without_improvement >= patience:
@@ -942,6 +1471,17 @@ class Run:
                 state.stopped_early = True
         self.checkpointer.save(state)
         self.progress.throughput.resume()
+
+    def model_card(self, results):
+        """best/'s model card, for `results` (eval_results.json's): see model_card."""
+        self.state.train_seconds = self.seconds_before + time.monotonic() - self.started
+        device = self.accelerator.device.type.upper()
+        if device == "CUDA":
+            device = torch.cuda.get_device_name(self.accelerator.device)
+        hardware = {"processes": self.accelerator.num_processes, "device": device}
+        hardware["precision"] = self.accelerator.mixed_precision
+        config = self.accelerator.unwrap_model(self.model).config
+        return model_card(self.args, self.about, self.state, results, config, hardware)
 
     def save_due(self):
         """Step saves are the same on every process; the clock and signals are not, so with several processes they are
@@ -957,8 +1497,10 @@ class Run:
         flag = torch.tensor([float(due)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
-    def finish(self):
-        """The end: peak GPU memory, log_history.json, loss.png, the best model. True on the main process (demo)."""
+    def finish(self, test_metrics=None):
+        """The end: peak GPU memory, log_history.json, loss.png; best/'s test metrics (test_*, from score_best) into
+        eval_results.json, its model card with the whole run's evaluations and curve, and the upload to the Hub with
+        --push_to_hub. True on the main process (for the demo)."""
         self.progress.bar.close()
         self.accelerator.end_training()
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -972,8 +1514,16 @@ class Run:
             return False
         write_json(self.output_dir / "log_history.json", self.state.log_history)
         plot_history(self.state.log_history, self.output_dir / "loss.png", ("eval_loss", f"eval_{self.metric}"))
+        results = json.loads((self.output_dir / "eval_results.json").read_text()) | (test_metrics or {})
+        write_json(self.output_dir / "eval_results.json", results)
+        shutil.copy(self.output_dir / "loss.png", self.best_dir / "loss.png")
+        self.model_card(results).save(self.best_dir / "README.md")
         best = self.state.best_metric
         print(f"Best {self.metric}: {best:.4f} at step {self.state.best_step}; model in {self.best_dir}")
+        if test_metrics:
+            print(f"best/ on the test data: {format_metrics(test_metrics)}")
+        if self.args.push_to_hub:
+            push_to_hub(self.args, self.best_dir, self.state.best_step)
         return True
 
 
@@ -1027,11 +1577,34 @@ class Progress:
 
 
 # ---- Evaluation, metrics, throughput, the loss curves.
-def prepare_for_evaluation(accelerator, model, dataloader):
-    """The model and a dataloader for evaluation alone (--eval_only): every process holds the whole model, in the
-    run's mixed precision. Nothing to shard without an optimizer (FSDP2 and DeepSpeed prepare a model only with one)."""
+def prepare_for_evaluation(accelerator, model, *dataloaders):
+    """The model and dataloaders for evaluation alone (--eval_only, a test set): every process holds the whole model,
+    in the run's mixed precision. Nothing to shard without an optimizer (FSDP2 and DeepSpeed prepare a model only with
+    one)."""
     model = accelerator.prepare_model(model.to(accelerator.device), evaluation_mode=True)
-    return model, accelerator.prepare_data_loader(dataloader)
+    return model, *(accelerator.prepare_data_loader(dataloader) for dataloader in dataloaders)
+
+
+def evaluate_only(accelerator, args, model, evaluate, eval_dataloader, test_dataloader=None):
+    """--eval_only: `evaluate(accelerator, model, dataloader)` on the validation data, and the test data if given
+    (its metrics named test_*), into <output_dir>/eval_results.json. No training, no checkpoint."""
+    dataloaders = [eval_dataloader] if test_dataloader is None else [eval_dataloader, test_dataloader]
+    model, *dataloaders = prepare_for_evaluation(accelerator, model, *dataloaders)
+    metrics = evaluate(accelerator, model, dataloaders[0])
+    if test_dataloader is not None:
+        metrics |= {f"test_{k}": v for k, v in evaluate(accelerator, model, dataloaders[1]).items()}
+    accelerator.print(f"eval: {format_metrics(metrics)}")
+    if accelerator.is_main_process:
+        write_json(Path(args.output_dir) / "eval_results.json", metrics)
+    return metrics
+
+
+def score_best(accelerator, auto_class, best_dir, evaluate, test_dataloader):
+    """--test_file after training: best/ loaded whole on every process, as users load it, scored by
+    `evaluate(accelerator, model, dataloader)`: its metrics, named test_*."""
+    unset_hf_deepspeed_config()  # training is over: ZeRO-3 must not split the model it loads
+    model, test_dataloader = prepare_for_evaluation(accelerator, from_pretrained(auto_class, best_dir), test_dataloader)
+    return {f"test_{k}": v for k, v in evaluate(accelerator, model, test_dataloader).items()}
 
 
 @torch.no_grad()
@@ -1129,7 +1702,7 @@ PEAK_FLOPS = {
 def peak_flops(device, mixed_precision):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     for key, (half, tf32) in PEAK_FLOPS.items():
-        if key in name:
+        if re.search(rf"\b{key}\b", name):  # whole words: an L40S is no L4
             return half if mixed_precision in ("bf16", "fp16") else tf32
     return None
 

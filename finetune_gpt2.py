@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_colla
 
 import common
 
+ABOUT = {"pipeline_tag": "text-generation", "task": "generating text (causal language modeling)"}  # the model card
 # Flags that may change on resume, besides common.MAY_CHANGE_ON_RESUME: they only shape the final sample.
 MAY_CHANGE = ["prompt", "max_new_tokens", "top_k", "top_p", "temperature", "archive"]
 
@@ -64,24 +65,46 @@ def load_model(args):
     return tokenizer, model, args.block_size
 
 
+def get_data(args, accelerator, tokenizer, block_size):
+    """The training, validation and (--test_file) test blocks. --eval_only needs no training blocks."""
+    with accelerator.main_process_first():  # the main process reads the text; the others read its cache
+        train_text, eval_text = common.load_text_data(args)
+        test_text = common.load_test_text(args)
+    with accelerator.local_main_process_first():  # each machine's first process tokenizes; the others read its file
+        train_data = None if args.eval_only else tokenize_and_pack(train_text, tokenizer, block_size, "training", args)
+        eval_data = tokenize_and_pack(eval_text, tokenizer, block_size, "validation", args)
+        test_data = None
+        if test_text is not None:
+            test_data = tokenize_and_pack(test_text, tokenizer, block_size, "test", args)
+    training = "streamed" if args.streaming or train_data is None else f"{len(train_data)}"
+    accelerator.print(f"{training} training and {len(eval_data)} validation blocks of {block_size} tokens")
+    return train_data, eval_data, test_data
+
+
 def max_positions(model, tokenizer):
     """Tokens the model sees at once: in its config (GPT-2), or with no position table (ALiBi) its tokenizer's limit."""
     return getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
 
 
-def tokenize_and_pack(texts, tokenizer, block_size, split_name):
-    """Token ids of all lines, one stream, cut into blocks of exactly block_size tokens.
-    Only the final partial block is dropped (map with batch_size=None sees the whole text)."""
-    ids = texts.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=texts.column_names)
-    ids = ids.select_columns(["input_ids"])
-    blocks = ids.map(common.group_texts, batched=True, batch_size=None, fn_kwargs={"block_size": block_size})
+def tokenize_and_pack(texts, tokenizer, block_size, split_name, args):
+    """All lines tokenized into one stream (a token file, made once and reused), cut into blocks of exactly
+    block_size tokens. Only the final partial block is left out."""
+
+    def tokenize(lines):
+        return tokenizer(lines)["input_ids"]
+
+    if args.streaming:  # blocks made as training reads on; the validation lines are few: read once, into memory
+        blocks = common.StreamedBlocks(texts, tokenize, block_size)
+        return blocks if split_name == "training" else list(blocks)
+    token_file = common.tokenize_to_file(texts, tokenize, tokenizer, args, split_name, recipe="causal-lm")
+    blocks = common.TokenSamples(token_file, block_size)
     if len(blocks) == 0:
-        found = sum(len(x) for x in ids["input_ids"])
+        found = token_file.meta["tokens"]
         raise common.UserError(
             f"the {split_name} text has {found} tokens: fewer than one block of --block_size {block_size}; "
             f"add text or pass --block_size {max(2, found)} or less"
         )
-    return blocks.with_format("torch")
+    return blocks
 
 
 def run_evaluation(accelerator, model, eval_dataloader):
@@ -101,15 +124,15 @@ def run_evaluation(accelerator, model, eval_dataloader):
 def train(args):
     accelerator = common.setup(args, "finetune_gpt2")
     tokenizer, model, block_size = load_model(args)
-    with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
-        train_text, eval_text = common.load_text_data(args)
-        train_data = tokenize_and_pack(train_text, tokenizer, block_size, "training")
-        eval_data = tokenize_and_pack(eval_text, tokenizer, block_size, "validation")
-    accelerator.print(
-        f"{args.model_name_or_path}: {model.num_parameters():,} parameters; {len(train_data)} training and "
-        f"{len(eval_data)} validation blocks of {block_size} tokens"
-    )
+    train_data, eval_data, test_data = get_data(args, accelerator, tokenizer, block_size)
+    accelerator.print(f"{args.model_name_or_path}: {model.num_parameters():,} parameters")
     # Every block has block_size tokens: batches are stacked, never padded.
+    test_dataloader = None
+    if test_data is not None:
+        test_dataloader = common.make_eval_dataloader(args, accelerator, test_data, default_data_collator)
+    if args.eval_only:
+        eval_dataloader = common.make_eval_dataloader(args, accelerator, eval_data, default_data_collator)
+        return common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, test_dataloader)
     train_dataloader, eval_dataloader = common.make_dataloaders(
         args, accelerator, train_data, eval_data, default_data_collator
     )
@@ -122,8 +145,13 @@ def train(args):
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
     # Resume from the newest checkpoint in --output_dir, if it was made with these settings.
-    settings = {"block_size": block_size, "vocab_size": len(tokenizer), "train_blocks": len(train_data)}
-    run = common.Run(accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, MAY_CHANGE)
+    train_blocks = None if args.streaming else len(train_data)
+    settings = {"block_size": block_size, "vocab_size": len(tokenizer), "train_blocks": train_blocks}
+    run = common.Run(
+        accelerator, args, model=model, tokenizer=tokenizer, lr_scheduler=lr_scheduler,
+        train_dataloader=train_dataloader, flops_per_token=flops, settings=settings, may_change=MAY_CHANGE,
+        stream=train_data if args.streaming else None, about=ABOUT,
+    )  # fmt: skip
 
     model.train()
     for epoch in run.epochs():
@@ -142,7 +170,12 @@ def train(args):
             run.log_and_save(outputs.loss, batch["input_ids"].numel())  # this script: every token is real
         run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
 
-    if run.finish():
+    test_metrics = None
+    if test_dataloader is not None:  # --test_file: best/ scored on held-out text
+        test_metrics = common.score_best(
+            accelerator, AutoModelForCausalLM, run.best_dir, run_evaluation, test_dataloader
+        )
+    if run.finish(test_metrics):
         generate_sample(args, run.best_dir, run.output_dir / "samples.txt", accelerator.device)
         if args.archive:
             archive(run.best_dir, run.output_dir)

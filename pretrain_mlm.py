@@ -37,6 +37,7 @@ import common
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 BYTE_SYMBOLS = 256  # a byte-level BPE starts from one symbol per byte
 MAY_CHANGE = ["fill_mask_prompt"]  # flags that may change on resume, besides common.MAY_CHANGE_ON_RESUME
+ABOUT = {"pipeline_tag": "fill-mask", "task": "filling in masked words (masked language modeling)"}  # the model card
 
 
 def parse_args(argv=None):
@@ -65,6 +66,8 @@ def parse_args(argv=None):
             f"--vocab_size {args.vocab_size} is too small: the {len(SPECIAL_TOKENS)} special tokens and "
             f"{BYTE_SYMBOLS} byte symbols alone take {smallest}; use --vocab_size {smallest} or more"
         )
+    if args.eval_only and not args.model_name_or_path:
+        raise common.UserError("--eval_only evaluates a trained model: pass it with --model_name_or_path")
     if not 0 < args.mlm_probability < 1:
         raise common.UserError(f"--mlm_probability must be between 0 and 1 (got {args.mlm_probability})")
     if args.max_seq_length > args.max_position_embeddings - 2:
@@ -93,9 +96,12 @@ def train_tokenizer(texts, args, output_dir):
     """A byte-level BPE learned from the text, saved as RoBERTa's tokenizer: its special tokens, <s> text </s> around
     every sequence."""
     bpe = ByteLevelBPETokenizer()
-    lines = (line for line in texts["text"] if line.strip())
     bpe.train_from_iterator(
-        lines, args.vocab_size, min_frequency=args.min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False
+        batches_of_lines(texts),
+        args.vocab_size,
+        min_frequency=args.min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
     )
     if bpe.get_vocab_size() < args.vocab_size:  # a small text has fewer words and merges to learn
         print(
@@ -112,6 +118,13 @@ def train_tokenizer(texts, args, output_dir):
     tmp.rmdir()
 
 
+def batches_of_lines(texts):
+    """The non-blank lines, a batch at a time: the tokenizer's trainer counts words as they come, never holding the
+    text."""
+    for batch in texts.iter(batch_size=10_000):
+        yield [line for line in batch["text"] if line.strip()]
+
+
 def new_model(args, tokenizer):
     """RobertaForMaskedLM from RobertaConfig, the tutorial's sizes unless flags say otherwise."""
     sizes = ("max_position_embeddings", "num_attention_heads", "num_hidden_layers", "hidden_size", "intermediate_size")
@@ -122,34 +135,66 @@ def new_model(args, tokenizer):
 
 
 def prepare_data(texts, tokenizer, args, split_name):
-    """Packed blocks of exactly --max_seq_length tokens, or (--line_by_line) one line per
-    sample. special_tokens_mask marks <s>, </s> and <pad>, which are never masked."""
-    texts = texts.filter(lambda row: bool(row["text"].strip()))
-    cut = {"truncation": True, "max_length": args.max_seq_length} if args.line_by_line else {"truncation": False}
+    """Packed blocks of exactly --max_seq_length tokens cut from all lines in one stream, or (--line_by_line) each
+    line cut to --max_seq_length: from a token file, made once and reused. Blank lines are left out; every line gets
+    RoBERTa's <s> ... </s>. The samples say which tokens are special (<s>, </s>, <pad>): those are never masked."""
+    cut = {"truncation": True, "max_length": args.max_seq_length} if args.line_by_line else {}
 
-    def tokenize(batch):  # whole lines when packing: packing cuts the blocks
-        return tokenizer(batch["text"], return_special_tokens_mask=True, **cut)
+    def tokenize(lines):  # whole lines when packing: packing cuts the blocks
+        return tokenizer([line for line in lines if line.strip()], **cut)["input_ids"]
 
-    data = texts.map(tokenize, batched=True, remove_columns=texts.column_names)
-    if not args.line_by_line:
-        data = data.map(
-            common.group_texts, batched=True, batch_size=None, fn_kwargs={"block_size": args.max_seq_length}
-        )
+    block_size = None if args.line_by_line else args.max_seq_length
+    if args.streaming:  # samples made as training reads on; the validation lines are few: read once, into memory
+        data = common.StreamedBlocks(texts, tokenize, block_size, special_ids=tokenizer.all_special_ids)
+        return data if split_name == "training" else list(data)
+    recipe = f"lines of at most {args.max_seq_length}" if args.line_by_line else "whole lines"
+    token_file = common.tokenize_to_file(texts, tokenize, tokenizer, args, split_name, recipe)
+    data = common.TokenSamples(token_file, block_size, special_ids=tokenizer.all_special_ids)
     if len(data) == 0:
         raise common.UserError(
             f"the {split_name} text is shorter than one block of --max_seq_length {args.max_seq_length} tokens; "
             "add text, lower --max_seq_length, or use --line_by_line"
         )
-    return data.with_format("torch")
+    return data
 
 
-def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data):
-    """Packed blocks all have the same length: they are stacked. Lines are padded to the longest of each batch (and
-    the validation labels with -100, predicting nothing). The validation samples are masked once and for all."""
+def get_data(args, accelerator):
+    """The tokenizer, and the training, validation and (--test_file) test samples. --eval_only needs no training
+    samples."""
+    with accelerator.main_process_first():
+        train_text, eval_text = common.load_text_data(args, keep_linebreaks=False)
+        test_text = common.load_test_text(args, keep_linebreaks=False)
+    tokenizer = get_tokenizer(accelerator, train_text, args)
+    with accelerator.local_main_process_first():  # each machine's first process tokenizes; the others read its file
+        train_data = None if args.eval_only else prepare_data(train_text, tokenizer, args, "training")
+        eval_data = prepare_data(eval_text, tokenizer, args, "validation")
+        test_data = None
+        if test_text is not None:
+            test_data = prepare_data(test_text, tokenizer, args, "test")
+    training = "streamed" if args.streaming or train_data is None else f"{len(train_data):,}"
+    accelerator.print(
+        f"{training} training and {len(eval_data):,} validation samples of up to {args.max_seq_length} tokens"
+    )
+    return tokenizer, train_data, eval_data, test_data
+
+
+def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, test_data):
+    """Training, validation and test batches (None without training or test data). Packed blocks all have the same
+    length: they are stacked. Lines are padded to the longest of each batch (and the validation labels with -100,
+    predicting nothing). The validation and test samples are masked once and for all (FixedMasks)."""
     collator = DataCollatorWithPadding(tokenizer) if args.line_by_line else default_data_collator
     eval_collator = DataCollatorForTokenClassification(tokenizer) if args.line_by_line else default_data_collator
     eval_data = FixedMasks(eval_data, tokenizer, args)
-    return common.make_dataloaders(args, accelerator, train_data, eval_data, collator, eval_collator=eval_collator)
+    test_dataloader = None
+    if test_data is not None:
+        test_data = FixedMasks(test_data, tokenizer, args)
+        test_dataloader = common.make_eval_dataloader(args, accelerator, test_data, eval_collator)
+    if train_data is None:  # --eval_only
+        return None, common.make_eval_dataloader(args, accelerator, eval_data, eval_collator), test_dataloader
+    train, evaluation = common.make_dataloaders(
+        args, accelerator, train_data, eval_data, collator, eval_collator=eval_collator
+    )
+    return train, evaluation, test_dataloader
 
 
 def mask_tokens(masker, batch, device):
@@ -202,21 +247,16 @@ def run_evaluation(accelerator, model, eval_dataloader):
 def train(args):
     accelerator = common.setup(args, "pretrain_mlm")
     refuse_fsdp(accelerator)
-    with accelerator.main_process_first():
-        train_text, eval_text = common.load_text_data(args, keep_linebreaks=False)
-    tokenizer = get_tokenizer(accelerator, train_text, args)
-    with accelerator.main_process_first():
-        train_data = prepare_data(train_text, tokenizer, args, "training")
-        eval_data = prepare_data(eval_text, tokenizer, args, "validation")
+    tokenizer, train_data, eval_data, test_data = get_data(args, accelerator)
     if args.model_name_or_path:
         model = common.from_pretrained(AutoModelForMaskedLM, args.model_name_or_path)
     else:
         model = new_model(args, tokenizer)  # seeded by setup: the same start every time
-    accelerator.print(
-        f"RoBERTa masked LM: {model.num_parameters():,} parameters; {len(train_data):,} training and "
-        f"{len(eval_data):,} validation samples of up to {args.max_seq_length} tokens"
-    )
-    train_dataloader, eval_dataloader = get_dataloaders(args, accelerator, tokenizer, train_data, eval_data)
+    accelerator.print(f"RoBERTa masked LM: {model.num_parameters():,} parameters")
+    dataloaders = get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, test_data)
+    train_dataloader, eval_dataloader, test_dataloader = dataloaders
+    if args.eval_only:
+        return common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, test_dataloader)
     masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)
     flops = common.flops_per_token(model, args.max_seq_length)  # counted while the weights are whole
     optimizer = common.make_optimizer(model, args, accelerator.device)
@@ -229,8 +269,13 @@ def train(args):
     # The training batches stay on the CPU: they are masked there (see mask_tokens), then moved.
     train_dataloader = accelerator.prepare_data_loader(train_dataloader, device_placement=False)
     # Resume from the newest checkpoint in --output_dir, if it was made with these settings.
-    settings = {"tokenizer_sha256": tokenizer_hash(args), "train_samples": len(train_data)}
-    run = common.Run(accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, MAY_CHANGE)
+    train_samples = None if args.streaming else len(train_data)
+    settings = {"tokenizer_sha256": tokenizer_hash(args), "train_samples": train_samples}
+    run = common.Run(
+        accelerator, args, model=model, tokenizer=tokenizer, lr_scheduler=lr_scheduler,
+        train_dataloader=train_dataloader, flops_per_token=flops, settings=settings, may_change=MAY_CHANGE,
+        stream=train_data if args.streaming else None, about=ABOUT,
+    )  # fmt: skip
 
     model.train()
     for epoch in run.epochs():
@@ -249,7 +294,12 @@ def train(args):
             run.log_and_save(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
         run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
 
-    if run.finish():
+    test_metrics = None
+    if test_dataloader is not None:  # --test_file: best/ scored on held-out text, with its fixed masks
+        test_metrics = common.score_best(
+            accelerator, AutoModelForMaskedLM, run.best_dir, run_evaluation, test_dataloader
+        )
+    if run.finish(test_metrics):
         fill_mask(run.best_dir, args.fill_mask_prompt, accelerator.device)
     return run.state
 

@@ -13,6 +13,7 @@ with fractions (STS-B's scores) make a regression. Re-running the same command c
 import argparse
 import csv
 import re
+from pathlib import Path
 
 import datasets
 import torch.nn.functional as F
@@ -39,7 +40,8 @@ LAYOUTS = [
     (("text",), "label"),  # the usual CSV
     (("column4",), "column2"),  # CoLA files: no header row; source, label, original mark, sentence
 ]
-MAY_CHANGE = ["eval_only"]  # flags that may change on resume, besides common.MAY_CHANGE_ON_RESUME
+MAY_CHANGE = ["do_predict"]  # flags that may change on resume, besides common.MAY_CHANGE_ON_RESUME
+ABOUT = {"pipeline_tag": "text-classification", "task": "classifying sentences or sentence pairs"}  # the model card
 ID_NAME = re.compile(r"(.*[\s_#-])?(id|idx|index|guid)", re.IGNORECASE)  # never text
 # What each metric is without the hub: the same numbers as `evaluate`'s.
 METRICS = {
@@ -60,10 +62,15 @@ def parse_args(argv=None):
     a("--pad_to_max_length", action="store_true", help="pad every batch to --max_seq_length (fixed shapes)")
     a("--group_by_length", action=argparse.BooleanOptionalAction, default=True, help="batch similar lengths together")
     a("--metric_for_best_model", choices=[*METRICS, "loss"], help="picks best/ (default: accuracy, or pearsonr)")
-    a("--eval_only", action="store_true", help="only evaluate --model_name_or_path on the validation data")
+    a("--do_predict", action="store_true", help="predict the hub data set's test split into predictions.tsv")
     args = parser.parse_args(argv)
     if args.text_columns and len(args.text_columns) > 2:
         parser.error("--text_columns takes one column, or two for sentence pairs")
+    if args.streaming:
+        raise common.UserError(
+            "--streaming is for the language models' text; the classifier reads its rows whole (to find the labels "
+            "and group lengths): drop --streaming"
+        )
     return args
 
 
@@ -118,14 +125,19 @@ def find_columns(data, args, where, split):
         raise common.UserError(f"{where}: no label column ({known}) among {found}; pass --label_column NAME")
     texts = args.text_columns or (layout and list(layout[0]))
     if not texts:
-        sample = data.select(range(min(len(data), 100)))
-        texts = [c for c in found if c != label and not ID_NAME.fullmatch(c) and not all(map(is_number, sample[c]))]
+        texts = text_like_columns(data, [c for c in found if c != label])
         if len(texts) not in (1, 2):
             raise common.UserError(
                 f"{where}: cannot tell which of {found} hold the text; pass --text_columns NAME [NAME2]"
                 + ("" if args.label_column else f" (and --label_column, '{label}' is used now)")
             )
     return list(texts), label
+
+
+def text_like_columns(data, candidates):
+    """Hugging Face's rule made safer: the columns that hold text, not ids or numbers (in the first 100 rows)."""
+    sample = data.select(range(min(len(data), 100)))
+    return [c for c in candidates if not ID_NAME.fullmatch(c) and not all(map(is_number, sample[c]))]
 
 
 def load_data(args):
@@ -181,6 +193,45 @@ def check_rows(data, columns, label, where):
         )
         data = data.select(sorted(set(range(len(data))) - set(broken)))
     return data
+
+
+def load_test_data(args, columns):
+    """The rows to predict, checked before training: --test_file, or with --do_predict the hub data set's test split;
+    None without either. GLUE's test files have no label, and their own layout (CoLA's has a header, its training file
+    none): the text columns are found by name as for training, the row ids in `index` (hub: `idx`), else counted."""
+    if args.test_file:
+        test, where = load_local_file(args.test_file, "--test_file"), args.test_file
+    elif args.do_predict:
+        test, where = common.load_hub_test_split(args.dataset_name, args.dataset_config_name), args.dataset_name
+    else:
+        return None
+    if len(test) == 0:
+        raise common.UserError(f"{where}: the test data is empty; give it some rows")
+    texts = find_test_columns(test, args, where)
+    if len(texts) != len(columns):
+        raise common.UserError(
+            f"{where}: the test data's text is in {texts}, but the model learned from {len(columns)} column(s) "
+            f"({columns}); pass --text_columns for the test file's layout"
+        )
+    index = next((name for name in ("index", "idx", "id") if name in test.column_names), None)
+    return test, texts, index
+
+
+def find_test_columns(test, args, where):
+    """The test data's text column(s): --text_columns, else the first known layout's, else the text-like ones."""
+    found = test.column_names
+    if args.text_columns:
+        missing = [name for name in args.text_columns if name not in found]
+        if missing:
+            raise common.UserError(f"{where}: --text_columns {' '.join(missing)}: no such test column; it has {found}")
+        return list(args.text_columns)
+    for texts, _ in LAYOUTS:
+        if all(name in found for name in texts):
+            return list(texts)
+    texts = text_like_columns(test, found)
+    if len(texts) not in (1, 2):
+        raise common.UserError(f"{where}: cannot tell which of {found} hold the text; pass --text_columns NAME [NAME2]")
+    return texts
 
 
 def encode_labels(train, validation, where):
@@ -300,7 +351,10 @@ def compute_metrics(predictions, references, num_labels):
     return metrics
 
 
-def run_evaluation(accelerator, model, eval_dataloader, num_labels):
+def run_evaluation(accelerator, model, eval_dataloader):
+    """Loss and metrics over the validation data: accuracy and F1, or for a regression Pearson and Spearman."""
+    num_labels = accelerator.unwrap_model(model).config.num_labels
+
     def per_example(model, batch):
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         return {"logits": logits.float(), "labels": batch["labels"]}
@@ -319,15 +373,15 @@ def train(args):
     accelerator = common.setup(args, "train_classifier")
     with accelerator.main_process_first():
         train_data, eval_data, columns, label_column, label_names = load_data(args)
+        test_data = load_test_data(args, columns)  # checked now: a bad test file must not wait for the training
     tokenizer, model = load_model(args, label_names)
-    num_labels = model.config.num_labels
     train_dataloader, eval_dataloader = get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns)
     if args.eval_only:
-        model, eval_dataloader = common.prepare_for_evaluation(accelerator, model, eval_dataloader)
-        metrics = run_evaluation(accelerator, model, eval_dataloader, num_labels)
-        accelerator.print(f"eval: {common.format_metrics(metrics)}")
-        if accelerator.is_main_process:
-            common.write_json(f"{args.output_dir}/eval_results.json", metrics)
+        metrics = common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader)
+        if test_data and accelerator.is_main_process:  # this script: the test rows predicted, not scored
+            predictions = Path(args.output_dir) / "predictions.tsv"
+            batch = args.per_device_eval_batch_size
+            write_predictions(test_data, args.model_name_or_path, predictions, accelerator.device, batch)
         return metrics
 
     flops = common.flops_per_token(model, args.max_seq_length)  # counted while the weights are whole
@@ -340,7 +394,10 @@ def train(args):
     )
     # Resume from the newest checkpoint in --output_dir, if it was made with these settings.
     settings = {"columns": [*columns, label_column], "labels": label_names}
-    run = common.Run(accelerator, args, model, tokenizer, lr_scheduler, train_dataloader, flops, settings, MAY_CHANGE)
+    run = common.Run(
+        accelerator, args, model=model, tokenizer=tokenizer, lr_scheduler=lr_scheduler,
+        train_dataloader=train_dataloader, flops_per_token=flops, settings=settings, may_change=MAY_CHANGE, about=ABOUT,
+    )  # fmt: skip
 
     model.train()
     for epoch in run.epochs():
@@ -356,18 +413,49 @@ def train(args):
                     lr_scheduler.step()  # once per optimizer step (fp16 may skip a step on overflow)
                 optimizer.zero_grad()
             run.log_and_save(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
-        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader, num_labels))  # this script: its metrics
+        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
 
     if run.finish():
+        if test_data:
+            predictions = run.output_dir / "predictions.tsv"
+            write_predictions(test_data, run.best_dir, predictions, accelerator.device, args.per_device_eval_batch_size)
         show_predictions(run.best_dir, eval_data, columns, accelerator.device)
     return run.state
+
+
+def write_predictions(test_data, model_dir, path, device, batch_size):
+    """path (predictions.tsv) in GLUE's submission layout: `index<TAB>prediction`, one row per test row in file order,
+    each label as the training data spells it (its names are in the model), or a number for a regression. Written
+    under a temporary name, then renamed."""
+    test, columns, index = test_data
+    classifier = pipeline("text-classification", model=str(model_dir), device=device)
+    regression = classifier.model.config.problem_type == "regression"
+    inputs = [as_pipeline_input(row, columns) for row in test]
+    outputs = classifier(
+        inputs, batch_size=batch_size, truncation=True, function_to_apply="none" if regression else None
+    )
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("index\tprediction\n")
+        for number, (row, output) in enumerate(zip(test, outputs)):
+            prediction = f"{output['score']:.4f}" if regression else output["label"]
+            f.write(f"{row[index] if index else number}\t{prediction}\n")
+    tmp.replace(path)
+    print(f"Predictions for the {len(test):,} test rows, by {model_dir}: {path}")
+
+
+def as_pipeline_input(row, columns):
+    """A row as text-classification pipelines take it: the text, or a pair."""
+    if len(columns) == 2:
+        return {"text": row[columns[0]], "text_pair": row[columns[1]]}
+    return row[columns[0]]
 
 
 def show_predictions(model_dir, eval_data, columns, device, count=5):
     """The exported model, loaded as users will load it, on a few validation examples."""
     classifier = pipeline("text-classification", model=str(model_dir), device=device)
     rows = eval_data.select(range(min(count, len(eval_data))))
-    inputs = [{"text": r[columns[0]], "text_pair": r[columns[1]]} if len(columns) == 2 else r[columns[0]] for r in rows]
+    inputs = [as_pipeline_input(row, columns) for row in rows]
     regression = classifier.model.config.problem_type == "regression"
     names = classifier.model.config.id2label
     print("\nA few validation examples (predicted / true):")

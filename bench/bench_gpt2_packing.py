@@ -59,6 +59,7 @@ import finetune_gpt2  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 WARMUP_STEPS = 3  # not timed: first calls allocate and pick kernels
+PACKING = argparse.Namespace(preprocessing_num_workers=1, streaming=False)  # finetune_gpt2's flags for packing
 
 
 def build_model(train_lines, path, block_size, vocab_size=8000):
@@ -120,7 +121,7 @@ def train_for_steps(model_dir, loader, steps, lr):
 
 def eval_loss(model, eval_blocks, batch_size=16):
     """finetune_gpt2.py's own evaluation: mean loss per predicted token on packed blocks."""
-    loader = DataLoader(eval_blocks.with_format("torch"), batch_size=batch_size, collate_fn=default_data_collator)
+    loader = DataLoader(eval_blocks, batch_size=batch_size, collate_fn=default_data_collator)
     accelerator = Accelerator(cpu=DEVICE.type == "cpu")
     return finetune_gpt2.run_evaluation(accelerator, model, accelerator.prepare(loader))["loss"]
 
@@ -128,10 +129,10 @@ def eval_loss(model, eval_blocks, batch_size=16):
 def measure_packed(model_dir, train_lines, eval_blocks, block_size, batch_size, steps, lr=5e-4):
     """finetune_gpt2.py's data: tokenize once, pack into blocks of block_size tokens."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    blocks = finetune_gpt2.tokenize_and_pack(as_dataset(train_lines), tokenizer, block_size, "training")
+    blocks = finetune_gpt2.tokenize_and_pack(as_dataset(train_lines), tokenizer, block_size, "training", PACKING)
     stream = sum(len(ids) for ids in tokenizer(train_lines)["input_ids"])
     loader = DataLoader(
-        blocks.with_format("torch"),
+        blocks,
         batch_size=batch_size,
         shuffle=True,
         collate_fn=default_data_collator,
@@ -210,8 +211,10 @@ def main():
     for i, (title, train_lines, eval_lines) in enumerate(data_sets()):
         model_dir = build_model(train_lines, work / f"gpt2-{i}", args.block_size)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        eval_blocks = finetune_gpt2.tokenize_and_pack(as_dataset(eval_lines), tokenizer, args.block_size, "held-out")
-        eval_blocks = eval_blocks.select(range(min(args.eval_blocks, len(eval_blocks))))
+        eval_blocks = finetune_gpt2.tokenize_and_pack(
+            as_dataset(eval_lines), tokenizer, args.block_size, "held-out", PACKING
+        )
+        eval_blocks = torch.utils.data.Subset(eval_blocks, range(min(args.eval_blocks, len(eval_blocks))))
         inputs = (model_dir, train_lines, eval_blocks)
         results = {
             "packed": measure_packed(*inputs, **settings),

@@ -232,10 +232,11 @@ def bench_gpt2(work, way, steps, seed, batch_size, block_size):
             result = baseline_loop(model, loader, steps, 5e-4)
             # Evaluated exactly as the script evaluates: loss per token on packed held-out blocks.
             accelerator = plain_accelerator()
+            packing = argparse.Namespace(preprocessing_num_workers=1, streaming=False)
             eval_text = finetune_gpt2.tokenize_and_pack(
-                load_text([eval_file], keep_linebreaks=True), tokenizer, block_size, "validation"
+                load_text([eval_file], keep_linebreaks=True), tokenizer, block_size, "validation", packing
             )
-            eval_loader = DataLoader(eval_text.with_format("torch"), batch_size=8)
+            eval_loader = DataLoader(eval_text, batch_size=8)
             result["eval_loss"] = finetune_gpt2.run_evaluation(accelerator, model, eval_loader)["loss"]
         return result | {"memory": memory.gib}
 
@@ -295,10 +296,10 @@ def bench_mlm(work, way, steps, seed, batch_size, max_seq_length):
         # The same held-out blocks and masks the script evaluated on.
         train_text, eval_text = pretrain_mlm.common.load_text_data(args, keep_linebreaks=False)
         eval_data = pretrain_mlm.prepare_data(eval_text, tokenizer, args, "validation")
-        eval_loader = DataLoader(eval_data.with_format("torch"), batch_size=args.per_device_eval_batch_size)
-        masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+        eval_data = pretrain_mlm.FixedMasks(eval_data, tokenizer, args)
+        eval_loader = DataLoader(eval_data, batch_size=args.per_device_eval_batch_size)
         accelerator = plain_accelerator()
-        eval_loss = pretrain_mlm.run_evaluation(accelerator, model, eval_loader, masker, 42)["loss"]
+        eval_loss = pretrain_mlm.run_evaluation(accelerator, model, eval_loader)["loss"]
     return result | {"memory": memory.gib, "eval_loss": eval_loss}
 
 

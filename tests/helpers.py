@@ -165,6 +165,45 @@ def glue_file_lines(task, n, seed, dev=False):
     return lines
 
 
+def glue_test_lines(task, n, seed=3):
+    """The lines of a GLUE task's test.tsv (MNLI: test_matched.tsv), as GLUE's download script writes them: no
+    label, an `index` column (QQP: `id`), and a header even where the training file has none (CoLA)."""
+    rng = random.Random(seed)
+    header = {
+        "cola": "index\tsentence",
+        "sst2": "index\tsentence",
+        "mrpc": "index\t#1 ID\t#2 ID\t#1 String\t#2 String",
+        "qqp": "id\tquestion1\tquestion2",
+        "qnli": "index\tquestion\tsentence",
+        "rte": "index\tsentence1\tsentence2",
+        "wnli": "index\tsentence1\tsentence2",
+        "mnli": "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+        "sentence1_parse\tsentence2_parse\tsentence1\tsentence2",
+        "stsb": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2",
+    }[task]
+    lines = [header]
+    for i in range(n):
+        s1, s2 = toy_pair(rng, rng.choice(["good", "bad", "great", "awful"]), quote=i % 7 == 3)
+        fields = {
+            "cola": [str(i), s2],
+            "sst2": [str(i), s2 + " "],
+            "mrpc": [str(i), str(3000 + 2 * i), str(3001 + 2 * i), s1, s2],
+            "qqp": [str(i), s1 + " ?", s2 + " ?"],
+            "qnli": [str(i), s1 + " ?", s2],
+            "mnli": [str(i), str(3 * i), f"{3 * i}n", "fiction", f"( {s1} )", f"( {s2} )", "(ROOT)", "(ROOT)", s1, s2],
+            "stsb": [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", s1, s2],
+        }.get(task, [str(i), s1, s2])
+        lines.append("\t".join(fields))
+    return lines
+
+
+def write_glue_test(task, folder, n=30):
+    folder = Path(folder)
+    path = folder / ("test_matched.tsv" if task == "mnli" else "test.tsv")
+    path.write_text("\n".join(glue_test_lines(task, n)) + "\n", encoding="utf-8")
+    return path
+
+
 def write_glue_task(task, folder, n_train=200, n_dev=40):
     """train.tsv and dev.tsv (MNLI: dev_matched.tsv) of `task` in `folder`."""
     folder = Path(folder)

@@ -144,3 +144,9 @@ def test_epoch_sampler_pads_to_whole_global_batches_with_the_epochs_first_sample
     assert list(sampler) != first
     assert list(common.EpochSampler(10, 4, seed=3)) == first  # nothing but (seed, epoch): a resumed run's order
     assert len(common.EpochSampler(3, 8, seed=0)) == 8 and sorted(set(common.EpochSampler(3, 8, seed=0))) == [0, 1, 2]
+
+
+def test_peak_flops_match_whole_words_of_the_gpu_name(monkeypatch):
+    for name, expected in (("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert common.peak_flops(torch.device("cuda"), "bf16") == expected, name

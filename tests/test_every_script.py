@@ -5,6 +5,7 @@ really feed. (The shared machinery itself is tested in test_faults.py.)"""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import threading
@@ -246,6 +247,52 @@ def test_changed_settings_are_refused_and_harmless_ones_allowed(script, setups, 
     assert state.epoch == 3
 
 
+class Killed(BaseException):
+    """The process died here (as under SIGKILL: no clean-up, the files as they were)."""
+
+
+@pytest.mark.parametrize("script", ["finetune_gpt2", "pretrain_mlm"])
+def test_a_kill_while_writing_tokens_and_a_damaged_token_file_are_made_again(
+    script, setups, full_runs, tmp_path, monkeypatch, capsys
+):
+    import datasets
+
+    import common
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # no token file yet
+    tokens = tmp_path / "cache" / "lm-tokens"
+    s = setups[script]
+    args = s.args(tmp_path / "run", "--checkpointing_steps", 4, "--keep_last", 100)
+    write = common.TokenFile.write
+
+    def killed_before_the_rename(self, encoded, vocabulary_size):
+        def die(*_):
+            raise Killed
+
+        with monkeypatch.context() as inside:
+            inside.setattr(common.os, "replace", die)
+            write(self, encoded, vocabulary_size)
+
+    monkeypatch.setattr(common.TokenFile, "write", killed_before_the_rename)
+    with pytest.raises(Killed):
+        s.module.main(args)
+    assert list(tokens.glob(".tmp-*")) and not list(tokens.glob("[!.]*.bin"))  # half-written, never in place
+    monkeypatch.setattr(common.TokenFile, "write", write)
+    capsys.readouterr()
+    s.module.main(args)
+    assert "Tokenized the training text" in capsys.readouterr().out  # made again
+    assert final_weights(tmp_path / "run") == final_weights(full_runs[script])
+
+    for token_file in tokens.glob("[!.]*.bin"):  # damaged: cut short
+        with open(token_file, "r+b") as f:
+            f.truncate(token_file.stat().st_size - 2)
+    s.module.main(s.args(tmp_path / "again", "--checkpointing_steps", 4, "--keep_last", 100))
+    printed = capsys.readouterr().out
+    assert "Tokenized the training text" in printed and "Tokenized the validation text" in printed
+    assert final_weights(tmp_path / "again") == final_weights(full_runs[script])
+    assert not list(tokens.glob(".tmp-*"))  # the leftovers of the killed run are gone
+
+
 # ---------------------------------------------------------------------------
 # What users really feed: each gets one line and exit code 2, or works.
 # ---------------------------------------------------------------------------
@@ -305,10 +352,10 @@ def training_samples(s, train, out):
     lines = Path(train).read_text().splitlines(keepends=True)  # "\r\n" read as "\n", as datasets reads it
     if s.name == "finetune_gpt2":
         tokenizer = AutoTokenizer.from_pretrained(s.model)
-        return f"; {sum(len(tokenizer(line)['input_ids']) for line in lines) // 32}"
+        return f"{sum(len(tokenizer(line)['input_ids']) for line in lines) // 32}"
     tokenizer = AutoTokenizer.from_pretrained(out)
     tokens = sum(len(tokenizer(line.strip("\n"))["input_ids"]) for line in lines if line.strip())
-    return f"; {tokens // 32:,}"
+    return f"{tokens // 32:,}"
 
 
 SWEEP = [
@@ -343,7 +390,7 @@ def test_bad_input_sweep(script, case, setups, full_runs, tmp_path, capsys):
         state = s.module.main(args)
         assert state.completed_steps == 2
         # Every row or line was read as written: the count the script reports is the one found here by hand.
-        assert f"{training_samples(s, train, out)} training" in capsys.readouterr().out
+        assert re.search(rf"\b{training_samples(s, train, out)} training", capsys.readouterr().out)
         return
     out = tmp_path / "run"  # an existing run: a bad command must not touch its checkpoints
     shutil.copytree(full_runs[script], out)

@@ -81,7 +81,7 @@ def newest_state(out):
 @pytest.fixture(scope="module")
 def trained(tiny_gpt2, text_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "run"
-    finetune_gpt2.main(argv(tiny_gpt2, *text_files, out, "--archive"))
+    finetune_gpt2.main(argv(tiny_gpt2, *text_files, out, "--archive", "--test_file", text_files[1]))
     return out
 
 
@@ -118,15 +118,51 @@ def test_perplexity_is_exp_of_the_mean_token_loss(trained, text_files):
     assert results["perplexity"] == pytest.approx(math.exp(by_hand), rel=1e-5)
 
 
-def test_packing_loses_only_the_final_partial_block(tiny_gpt2, text_files):
+def test_packing_loses_only_the_final_partial_block(tiny_gpt2, tmp_path):
+    """A text of many batches, tokenized by 2 worker processes into a token file and cut into blocks: the blocks
+    are the one token stream of all lines in order, only its final partial block left out."""
+    import argparse
+
+    path = tmp_path / "long.txt"
+    path.write_text("\n".join(repetitive_lines(25_000, seed=3)) + "\n")  # 3 write batches of 10,000 lines
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
-    lines = datasets.load_dataset("text", data_files=str(text_files[0]), split="train", keep_linebreaks=True)
-    blocks = finetune_gpt2.tokenize_and_pack(lines, tokenizer, BLOCK, "training")
-    stream = stream_of_tokens(tokenizer, text_files[0])
-    packed = [t for block in blocks["input_ids"] for t in block]
-    assert all(len(block) == BLOCK for block in blocks["input_ids"])
+    lines = datasets.load_dataset("text", data_files=str(path), split="train", keep_linebreaks=True)
+    args = argparse.Namespace(preprocessing_num_workers=2, streaming=False)
+    blocks = finetune_gpt2.tokenize_and_pack(lines, tokenizer, BLOCK, "training", args)
+    stream = stream_of_tokens(tokenizer, path)
+    packed = torch.cat([blocks[i]["input_ids"] for i in range(len(blocks))]).tolist()
+    assert all(len(blocks[i]["input_ids"]) == BLOCK for i in range(len(blocks)))
     assert len(stream) - len(packed) < BLOCK  # only the final partial block is dropped
     assert packed == stream[: len(packed)]
+
+
+def test_best_is_scored_on_the_test_file_and_eval_only_scores_a_model_without_training(trained, text_files, tmp_path):
+    results = json.loads((trained / "eval_results.json").read_text())
+    by_hand = hand_mean_token_loss(trained / "best", text_files[1])  # (the validation text, as a test file here)
+    assert results["test_loss"] == pytest.approx(by_hand, rel=1e-5)
+    assert results["test_perplexity"] == pytest.approx(math.exp(by_hand), rel=1e-5)
+    out = tmp_path / "eval"
+    metrics = finetune_gpt2.main(argv(trained / "best", *text_files, out, "--eval_only", "--test_file", text_files[0]))
+    assert metrics["loss"] == pytest.approx(by_hand, rel=1e-5)
+    assert metrics["test_loss"] == pytest.approx(hand_mean_token_loss(trained / "best", text_files[0]), rel=1e-5)
+    assert json.loads((out / "eval_results.json").read_text()) == metrics and not (out / "checkpoints").exists()
+
+
+def test_the_model_card_says_what_the_model_is_and_how_to_make_it_again(trained, tiny_gpt2, text_files):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(trained / "best" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert card.data.base_model is None  # a local folder, not a model on the Hub
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    expected = json.loads((trained / "eval_results.json").read_text())
+    assert results == {k: v for k, v in expected.items() if k != "step"}  # test scores included
+    text = card.text
+    assert f"fine-tuned from {tiny_gpt2}" in text and f"Training: {text_files[0]}" in text
+    assert f"python finetune_gpt2.py --model_name_or_path {tiny_gpt2}" in text and "--block_size 32" in text
+    assert f"Evaluated at optimizer step {expected['step']} of" in text
+    assert len([line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]) == EPOCHS
+    assert "![The training loss and the evaluations](loss.png)" in text and (trained / "best" / "loss.png").exists()
 
 
 def test_exported_model_generates_in_pipeline(trained):
@@ -223,3 +259,56 @@ def test_short_text_message_says_what_block_size_works(tiny_gpt2, text_files, tm
     line = run_bad(argv(tiny_gpt2, text_files[0], short, tmp_path / "o"), capsys)
     found = int(line.split("validation text has ")[1].split()[0])
     assert 0 < found < BLOCK and f"--block_size {found} or less" in line
+
+
+# ---------------------------------------------------------------------------
+# --streaming: text read as training goes, for corpora larger than the disk.
+# ---------------------------------------------------------------------------
+
+
+def test_a_stream_packs_like_a_token_file_and_resumes_at_any_block(tiny_gpt2, tmp_path):
+    """The blocks of a stream are the token stream's blocks; and from the place after any block (mid-line, in a
+    later batch of 1,000 lines, in a line that makes several blocks), a new stream goes on with the next block."""
+    import common
+
+    lines = repetitive_lines(2_500, seed=4)
+    lines[1_500] = " ".join(lines[:40])  # one line of several blocks
+    path = tmp_path / "stream.txt"
+    path.write_text("\n".join(lines) + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+
+    def stream():
+        text = datasets.load_dataset("text", data_files=str(path), split="train", streaming=True, keep_linebreaks=True)
+        return common.StreamedBlocks(text, lambda batch: tokenizer(batch)["input_ids"], BLOCK)
+
+    first = stream()
+    blocks = [sample["input_ids"].tolist() for sample in first]
+    tokens = stream_of_tokens(tokenizer, path)
+    assert [t for block in blocks for t in block] == tokens[: len(blocks) * BLOCK]
+    assert len(tokens) - len(blocks) * BLOCK < BLOCK
+    for used in (1, 7, 1_010, len(blocks) - 3):  # (the first pass kept the places of its last 10,000 blocks)
+        again = stream()
+        again.start_at(json.loads(json.dumps(first.position_after(used))))  # as a checkpoint stores it
+        assert [sample["input_ids"].tolist() for sample in again] == blocks[used:], used
+
+
+def test_streaming_trains_and_a_killed_run_resumes_at_its_place_in_the_stream(tiny_gpt2, text_files, tmp_path):
+    runs = []
+    for name, stop in (("uninterrupted", None), ("killed", [9, 4, str(tmp_path / "killed")]), ("rerun", None)):
+        out = tmp_path / ("killed" if name != "uninterrupted" else "uninterrupted")
+        argv_ = argv(tiny_gpt2, *text_files, out, "--streaming", "--max_train_steps", 12, "--checkpointing_steps", 2)
+        runs.append({"script": "finetune_gpt2", "argv": argv_ + ["--max_new_tokens", 0], "engine": "one"})
+        runs[-1] |= {"name": name, "signal_when_saved": stop} if stop else {"name": name}
+    assert helpers.launch(runs, tmp_path / "logs") == [0, -9, 0], helpers.log_of(runs[1])[-2000:]
+    assert "Resumed from" in helpers.log_of(runs[2]) and "streamed training" in helpers.log_of(runs[0])
+    assert final_weights(tmp_path / "killed") == final_weights(tmp_path / "uninterrupted")
+    state = newest_state(tmp_path / "uninterrupted")
+    assert state["completed_steps"] == 12 and state["stream_position"]["given"] == 12 * 8  # 12 steps of 8 blocks
+
+
+def test_streaming_says_what_it_cannot_do(tiny_gpt2, text_files, tmp_path, capsys):
+    train, valid = text_files
+    line = run_bad(argv(tiny_gpt2, train, valid, tmp_path / "a", "--streaming"), capsys)
+    assert "--streaming needs --max_train_steps" in line
+    line = run_bad(argv(tiny_gpt2, train, None, tmp_path / "b", "--streaming", "--max_train_steps", 2), capsys)
+    assert "cannot hold out --validation_split_percentage" in line and "--validation_file" in line

@@ -83,7 +83,7 @@ def hand_masked_lm_loss(model_dir, path, block=32, seed=42, probability=0.15):
 @pytest.fixture(scope="module")
 def trained(text_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "run"
-    pretrain_mlm.main(argv(*text_files, out))
+    pretrain_mlm.main(argv(*text_files, out, "--test_file", text_files[1]))
     return out
 
 
@@ -132,6 +132,20 @@ def test_exported_model_fills_the_mask(trained, text_files):
     # over the 300 tokens (an untrained model's top guess has about 1/300).
     text = text_files[0].read_text()
     assert all(g["token_str"].strip() in text for g in guesses) and guesses[0]["score"] > 10 / 300
+
+
+def test_best_is_scored_on_the_test_file_with_fixed_masks_and_eval_only_too(trained, text_files, tmp_path):
+    from huggingface_hub import ModelCard
+
+    by_hand = hand_masked_lm_loss(trained / "best", text_files[1])
+    assert json.loads((trained / "eval_results.json").read_text())["test_loss"] == pytest.approx(by_hand, rel=1e-5)
+    out = tmp_path / "eval"
+    best = ["--model_name_or_path", trained / "best", "--eval_only", "--test_file", text_files[1]]
+    metrics = pretrain_mlm.main(argv(*text_files, out, *best))
+    assert metrics["loss"] == pytest.approx(by_hand, rel=1e-5) and metrics["test_loss"] == metrics["loss"]
+    card = ModelCard.load(trained / "best" / "README.md")
+    assert card.data.pipeline_tag == "fill-mask" and card.data.base_model is None
+    assert "trained from scratch (RobertaConfig: num_hidden_layers 2, hidden_size 64" in card.text
 
 
 def test_resumed_run_reuses_the_saved_tokenizer(trained, text_files, tmp_path, monkeypatch):

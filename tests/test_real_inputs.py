@@ -274,6 +274,81 @@ def test_the_readme_lists_what_may_change_on_resume():
     table = readme.split("### What may change when a run resumes")[1].split("\n\n")[1]
     cells = [row.split("|")[1] for row in table.splitlines()[2:]]
     may = {flag.strip(" `-") for cell in cells for flag in cell.split(",")}
-    expected = set(common.MAY_CHANGE_ON_RESUME) | {"early_stopping_patience", "eval_only", "fill_mask_prompt"}
+    expected = set(common.MAY_CHANGE_ON_RESUME) | {"early_stopping_patience", "do_predict", "fill_mask_prompt"}
     expected |= {"prompt", "max_new_tokens", "top_k", "top_p", "temperature", "archive"}
     assert may == expected
+
+
+# ---------------------------------------------------------------------------
+# Predictions for test sets: GLUE's test files as its download script writes them, and the hub's test splits.
+# ---------------------------------------------------------------------------
+
+TEST_TEXT = {"cola": [1], "mrpc": [3, 4], "stsb": [7, 8], "mnli": [8, 9], "qqp": [1, 2]}
+
+
+@torch.no_grad()
+def predicted_by_hand(model_dir, test_file, text_index):
+    """Each test row through the exported model, one at a time: its label name, or its score."""
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [line.split("\t") for line in test_file.read_text(encoding="utf-8").splitlines()[1:]]
+    predictions = []
+    for row in rows:
+        logits = model(**tokenizer(*(row[i] for i in text_index), truncation=True, return_tensors="pt")).logits[0]
+        regression = model.config.problem_type == "regression"
+        predictions.append(logits[0].item() if regression else model.config.id2label[int(logits.argmax())])
+    return [row[0] for row in rows], predictions
+
+
+@pytest.mark.parametrize("task", TEST_TEXT)
+def test_predictions_for_glue_test_files_in_glues_submission_layout(task, tiny_bert, tmp_path):
+    train_file, dev_file = helpers.write_glue_task(task, tmp_path / task, n_train=60, n_dev=20)
+    test_file = helpers.write_glue_test(task, tmp_path / task, n=25)
+    out = tmp_path / "out"
+    train_classifier.main(argv(tiny_bert, train_file, dev_file, out, "--max_train_steps", 2, "--test_file", test_file))
+    lines = (out / "predictions.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 26
+    index, predictions = zip(*(line.split("\t") for line in lines[1:]))
+    by_hand = predicted_by_hand(out / "best", test_file, TEST_TEXT[task])
+    assert list(index) == by_hand[0] == [str(i) for i in range(25)]  # file order, GLUE's own index
+    if GLUE_FILES[task][2] is None:  # STS-B: a score
+        assert [float(p) for p in predictions] == pytest.approx(by_hand[1], abs=1e-3)
+    else:  # the label names as the training data spells them
+        assert list(predictions) == by_hand[1] and set(predictions) <= set(GLUE_FILES[task][2])
+
+
+def test_eval_only_predicts_and_the_hub_test_split_too(tiny_bert, tmp_path):
+    hub = helpers.glue_hub_dataset("rte")
+    hub.save_to_disk(tmp_path / "rte")
+    data = ["--dataset_name", tmp_path / "rte", "--output_dir", tmp_path / "trained", "--max_train_steps", 2]
+    train_classifier.main([str(a) for a in ["--model_name_or_path", tiny_bert, *data, "--do_predict"]])
+    rows = (tmp_path / "trained" / "predictions.tsv").read_text().splitlines()
+    assert rows[0] == "index\tprediction" and [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(10)]
+    assert {r.split("\t")[1] for r in rows[1:]} <= {"entailment", "not_entailment"}
+    # --eval_only on best/: the same predictions, without training
+    best = tmp_path / "trained" / "best"
+    out = tmp_path / "again"
+    train_classifier.main([str(a) for a in [*data[:2], "--model_name_or_path", best, "--output_dir", out, "--eval_only",
+                                            "--do_predict"]])  # fmt: skip
+    assert (out / "predictions.tsv").read_text() == (tmp_path / "trained" / "predictions.tsv").read_text()
+    assert not (out / "checkpoints").exists()
+
+
+def test_a_test_set_that_cannot_be_predicted_is_refused_before_training(tiny_bert, tmp_path, capsys):
+    train_file, dev_file = helpers.write_glue_task("mrpc", tmp_path / "MRPC", n_train=60, n_dev=20)
+    no_text = tmp_path / "test.tsv"
+    no_text.write_text("index\t#1 ID\t#2 ID\n0\t1\t2\n")  # the sentences are missing
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        train_classifier.main(argv(tiny_bert, train_file, dev_file, out, "--test_file", no_text))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "error: " in err and "Traceback" not in err
+    assert "test" in err.splitlines()[-1] and "--text_columns" in err.splitlines()[-1]
+    assert not (out / "checkpoints").exists()
+    hub = helpers.glue_hub_dataset("rte")
+    del hub["test"]
+    hub.save_to_disk(tmp_path / "rte")
+    with pytest.raises(SystemExit):
+        train_classifier.main([str(a) for a in ["--model_name_or_path", tiny_bert, "--dataset_name", tmp_path / "rte",
+                                                "--output_dir", out, "--do_predict"]])  # fmt: skip
+    assert "has no 'test' split" in capsys.readouterr().err

@@ -384,9 +384,11 @@ def test_changed_settings_refuse_to_resume(trained, tiny_bert, toy_files, tmp_pa
 
 def test_tsv_pairs_and_integer_labels(tiny_bert, tmp_path, capsys):
     rows = helpers.toy_rows(60, seed=5, pair=True)
-    for r in rows:
+    for i, r in enumerate(rows):
         r["label"] = 1 if r["label"] == "pos" else 0
         r["sentence1"] = 'he said "hi' + r["sentence1"]  # a stray quote, as in MRPC
+        if i % 10 == 3:
+            r["sentence2"] = '"' + r["sentence2"]  # one that starts a field: quoting would read on to the end
     train = helpers.write_csv(tmp_path / "train.tsv", rows[:50], delimiter="\t")
     dev = helpers.write_csv(tmp_path / "dev.tsv", rows[50:], delimiter="\t")
     # csv.DictWriter quoted the fields with quotes in them; write them raw, as GLUE does.
@@ -434,3 +436,125 @@ def test_drive_outside_colab_says_so(tiny_bert, toy_files, capsys):
     with pytest.raises(SystemExit):
         train_classifier.main(argv(tiny_bert, *toy_files, "unused", "--drive"))
     assert "only inside Google Colab" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Finishing the job: the Hub, and a batch size that fits.
+# ---------------------------------------------------------------------------
+
+
+class FakeHub:
+    """huggingface_hub.HfApi as common.py calls it, without a network: it records the calls, and the one named in
+    `fail` raises what the Hub would."""
+
+    calls, fail = [], None
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def whoami(self):
+        return self.record("whoami") or {"name": "me"}
+
+    def create_repo(self, repo, private=False, exist_ok=False):
+        self.record("create_repo", repo, private)
+
+    def upload_folder(self, repo_id, folder_path, commit_message):
+        self.record("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir()))
+
+    def record(self, name, *details):
+        if FakeHub.fail == name:
+            import requests
+            from huggingface_hub.errors import HfHubHTTPError
+
+            response = requests.Response()
+            response.status_code = 403 if name == "create_repo" else 503
+            raise HfHubHTTPError(f"{response.status_code} the Hub says no", response=response)
+        FakeHub.calls.append((name, *details))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(common.huggingface_hub, "HfApi", FakeHub)
+    FakeHub.calls, FakeHub.fail = [], None
+    return FakeHub
+
+
+def test_push_to_hub_uploads_best_with_its_card_and_retries_only_a_failed_upload(
+    fake_hub, tiny_bert, toy_files, tmp_path, capsys
+):
+    out = tmp_path / "my-model"
+    args = argv(tiny_bert, *toy_files, out, "--max_train_steps", 3, "--push_to_hub", "--hub_private_repo")
+    fake_hub.fail = "upload_folder"
+    with pytest.raises(SystemExit) as stop:
+        train_classifier.main(args)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and "uploading" in line and "run the same command again" in line, line
+    assert fake_hub.calls == [("whoami",), ("create_repo", "me/my-model", True)]  # at the start, before training
+    weights = (out / "best" / "model.safetensors").read_bytes()  # the local model is whole
+
+    fake_hub.fail = None
+    state = train_classifier.main(args)
+    assert "already finished" in capsys.readouterr().out and state.completed_steps == 3  # no training again
+    name, repo, files = fake_hub.calls[-1]
+    assert (name, repo) == ("upload_folder", "me/my-model") and {"README.md", "loss.png", "model.safetensors"} <= set(
+        files
+    )
+    assert (out / "best" / "model.safetensors").read_bytes() == weights
+
+
+def test_push_to_hub_is_refused_before_anything_when_it_cannot_happen(fake_hub, tiny_bert, toy_files, tmp_path, capsys):
+    for fail, words in (("create_repo", ["may not write there", "--hub_token"]), ("whoami", ["--push_to_hub"])):
+        fake_hub.fail, out = fail, tmp_path / fail
+        with pytest.raises(SystemExit) as stop:
+            train_classifier.main(argv(tiny_bert, *toy_files, out, "--push_to_hub"))
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert stop.value.code == 2 and all(word in line for word in words), line
+        assert not out.exists()  # nothing loaded, nothing written
+
+
+def test_push_to_hub_offline_says_so(tiny_bert, toy_files, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_classifier.main(argv(tiny_bert, *toy_files, tmp_path / "run", "--push_to_hub"))
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_auto_find_batch_size_halves_the_batch_keeps_the_global_one_and_remembers_it(
+    tiny_bert, toy_files, tmp_path, monkeypatch, capsys
+):
+    """A GPU that holds 4 examples at a time (out of memory above, once the third step has begun): the run started
+    with 16 x 1 goes on from its checkpoint at step 2 as 4 x 4, and ends where 16 x 1 would have (dropout off: the
+    masks depend on how the batch is split)."""
+    from safetensors.torch import load_file
+    from transformers import BertForSequenceClassification
+
+    model = helpers.without_dropout(tiny_bert, tmp_path / "bert")
+    base = ["--max_train_steps", 6, "--checkpointing_steps", 2, "--keep_last", 10]
+    train_classifier.main(argv(model, *toy_files, tmp_path / "fits", *base))
+    forward, steps = BertForSequenceClassification.forward, []
+
+    def small_gpu(self, **batch):
+        if not self.training:  # (evaluation batches are the eval batch size's business)
+            return forward(self, **batch)
+        steps.append(len(batch["input_ids"]))
+        if len(batch["input_ids"]) > 4 and len(steps) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, **batch)
+
+    monkeypatch.setattr(BertForSequenceClassification, "forward", small_gpu)
+    out = tmp_path / "small"
+    state = train_classifier.main(argv(model, *toy_files, out, *base, "--auto_find_batch_size"))
+    printed = capsys.readouterr().out
+    assert "per-device batch 8 x 2 accumulated" in printed and "per-device batch 4 x 4 accumulated" in printed
+    assert "Resumed from" in printed and "step 2," in printed.split("Resumed from")[-1].splitlines()[0]
+    assert state.completed_steps == 6
+    a, b = (load_file(checkpoints(o)[-1] / "model.safetensors") for o in (out, tmp_path / "fits"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert json.loads((out / "batch_size.json").read_text())["per_device_train_batch_size"] == 4
+    steps.clear()
+    train_classifier.main(argv(model, *toy_files, out, *base, "--auto_find_batch_size", "--max_train_steps", 7))
+    assert "a per-device batch of 4 fits: starting with it" in capsys.readouterr().out and max(steps) == 4
