@@ -1,7 +1,12 @@
-"""What the three training scripts share, written once: flags, the output folder (Google Drive in Colab), the
-Accelerator, data files, checkpoints with exact resume, `Run` (the bookkeeping around each loop: progress, logging,
-saving, keeping the best model), the evaluation loop, throughput, and one-line errors. Read a script first: its loop is
-the lesson. Nothing here knows a script's model or data."""
+"""What the three training scripts share, written once. Read a script first: its loop is the lesson.
+
+Here, first, what a script calls, in the order it calls it: the flags, setup() (the Accelerator:
+device, precision, processes), the dataloaders, the optimizer and its schedule, Run (the
+bookkeeping around the loop: counting, logging, checkpointing, keeping the best model), the
+evaluation loop, and run(), which turns bad input into one line. After a banner: reading data of
+any size, then the machinery that keeps work safe (the output folder's lock, stop signals,
+checkpoints, the export and its model card, the Hub, throughput), which a reader following a loop
+may skip. Nothing here knows a script's model or data."""
 
 import argparse
 import atexit
@@ -49,7 +54,11 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 # Colab mounts Google Drive here; outputs default to a folder inside it.
 DRIVE_MOUNT, DRIVE_ROOT, DRIVE_FOLDER = "/content/drive", "/content/drive/MyDrive", "lm-training"
+
+
 STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete
+
+
 LOCK_FILE = ".lock"  # in --output_dir while a run uses it
 
 
@@ -60,85 +69,10 @@ class UserError(Exception):
 STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # a full disk or Drive quota, read-only
 
 
-def run(train_fn, parse_args, argv=None):
-    """train_fn(parse_args(argv)), with a UserError (or a full or unwritable disk) turned into one line on stderr and
-    exit code 2. The folder's lock and the signal handlers are given back however it ends (a notebook keeps Ctrl-C)."""
-    try:
-        args = parse_args(argv)
-        args.command = command_line(train_fn, sys.argv[1:] if argv is None else argv)  # for the model card
-        if args.auto_find_batch_size:
-            return train_with_a_batch_that_fits(train_fn, args)
-        return train_fn(args)
-    except UserError as err:
-        message = str(err)
-    except OSError as err:
-        if err.errno not in STORAGE_ERRORS:
-            raise
-        message = (
-            f"cannot write {err.filename or 'the output'} ({err.strerror}); free some space or pass "
-            "another --output_dir, then run the same command again (complete checkpoints are intact)"
-        )
-    finally:
-        OutputLock.release_held()
-        StopSignals.restore()
-    for bar in list(getattr(tqdm, "_instances", [])):
-        bar.close()  # so the message starts on a line of its own
-    if os.environ.get("RANK", "0") == "0":  # several processes stop alike: the first one says why
-        print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2) from None
-
-
-def command_line(train_fn, argv):
-    """The command that runs this again, as a shell reads it; a --hub_token never written down."""
-    argv = [str(arg) for arg in argv]
-    if "--hub_token" in argv:
-        argv[argv.index("--hub_token") + 1] = "$HF_TOKEN"
-    return shlex.join(["python", Path(sys.modules[train_fn.__module__].__file__).name, *argv])
-
-
-def train_with_a_batch_that_fits(train_fn, args):
-    """--auto_find_batch_size: Accelerate's find_executable_batch_size runs the training, and when the GPU runs out of
-    memory, runs it again with a smaller per-device batch (the largest divisor of the first one that halves it at
-    least) and as many more accumulated micro-batches: the same global batch, so the same schedule, and the run goes
-    on from its last checkpoint. The size that fits goes to <output_dir>/batch_size.json; a re-run starts there."""
-    first, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    record = resolve_output_dir(args, Path(sys.modules[train_fn.__module__].__file__).stem) / "batch_size.json"
-    size = first
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        if json.loads(record.read_text())["global_batch"] == first * accumulation:
-            size = json.loads(record.read_text())["per_device_train_batch_size"]
-            print(f"note: {record} says a per-device batch of {size} fits: starting with it")
-
-    def smaller():
-        nonlocal size
-        size = max([d for d in range(1, size // 2 + 1) if first % d == 0], default=0)
-        return size
-
-    @find_executable_batch_size(starting_batch_size=size, reduce_batch_size_fn=smaller)
-    def train_with(batch_size):
-        OutputLock.release_held()  # the try that ran out of memory held the folder
-        args.per_device_train_batch_size = batch_size
-        args.gradient_accumulation_steps = accumulation * first // batch_size
-        if batch_size != first:
-            print(
-                f"--auto_find_batch_size: per-device batch {batch_size} x {args.gradient_accumulation_steps} "
-                f"accumulated (the same global batch as {first} x {accumulation}), from the last checkpoint"
-            )
-            record.parent.mkdir(parents=True, exist_ok=True)
-            write_json(record, {"per_device_train_batch_size": batch_size, "global_batch": first * accumulation})
-        return train_fn(args)
-
-    return train_with()
-
-
-def first_line(err, limit=200):
-    """An exception's message as one short line; its type when the message is empty."""
-    text = str(err).strip()
-    return text.splitlines()[0][:limit] if text else type(err).__name__
-
-
+# ---- The flags every script takes.
 def build_parser(docstring, **defaults):
-    """The flags every script takes (names as in Hugging Face's examples), with its `defaults`; it adds its own."""
+    """The flags every script takes (names as in Hugging Face's examples), with its `defaults`;
+    it adds its own."""
     description = docstring.split("\n")[0]
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -203,7 +137,1050 @@ def check_args(args):
         raise UserError("--validation_split_percentage must be between 1 and 99")
 
 
-# ---- Where outputs go, and one run per output folder.
+# ---- Device, precision and processes.
+def setup(args, script_name):
+    """Check the flags, start the Accelerator (device, precision, processes), check that
+    --push_to_hub can upload, lock the output folder, seed, start the trackers."""
+    check_args(args)
+    if torch.cuda.is_available():
+        # TF32 matmuls: ~free speed on Ampere and newer, precision loss irrelevant for training
+        # (cuDNN has it already).
+        torch.backends.cuda.matmul.allow_tf32 = True
+    # Accelerate keeps process-wide state that the first Accelerator fixes: a second run in one
+    # Python process (a notebook calling main() twice) would keep the first run's precision and
+    # compilation. Clear it, not the processes.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=choose_mixed_precision(args.mixed_precision),
+        # torch.compile at prepare(): fuses kernels; the first steps are slow while it compiles.
+        dynamo_backend="inductor" if args.torch_compile else "no",
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+        # One scheduler step per optimizer step; Accelerate's default (one per process) would
+        # miscount warmup and decay.
+        step_scheduler_with_optimizer=False,
+        # --streaming: each process reads the stream and keeps its share of each batch (its place in
+        # the stream is then known in every process, and batches stay where the script wants them:
+        # on the CPU for masking).
+        dataloader_config=DataLoaderConfiguration(
+            dispatch_batches=False if args.streaming else None,
+            # A GPU's batches come from pinned memory: copy them without making the CPU wait for the
+            # copy.
+            non_blocking=torch.cuda.is_available(),
+        ),
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # torchrun without GPUs: N copies of one run, each training alone, all in one output folder.
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise UserError(
+            f"{world_size} processes were launched but each runs alone; on CPU set "
+            "ACCELERATE_USE_CPU=1 (or use `accelerate launch --cpu`)"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, args)
+    if args.push_to_hub:  # before any data or model is loaded: an upload that cannot happen stops the run now
+        problem = broadcast_object_list([hub_problem(args) if accelerator.is_main_process else None])[0]
+        if problem:
+            raise UserError(problem)
+    lock_output_dir(accelerator, args.output_dir)
+    set_seed(args.seed)
+    if args.report_to != "none":  # the settings, without a secret
+        accelerator.init_trackers(script_name, config={k: v for k, v in vars(args).items() if k != "hub_token"})
+    return accelerator
+
+
+def choose_mixed_precision(requested):
+    """--mixed_precision, else what `accelerate launch --mixed_precision` set, else (auto) the
+    best for this device."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        return os.environ["ACCELERATE_MIXED_PRECISION"]
+    if is_torch_xla_available(check_is_tpu=True):  # Accelerate's TPU launcher sets no precision: bf16 is the TPU's own
+        return auto_mixed_precision("xla")
+    if torch.cuda.is_available():
+        return auto_mixed_precision("cuda", torch.cuda.get_device_capability())
+    return auto_mixed_precision("cpu")
+
+
+def auto_mixed_precision(device_type, capability=None):
+    """bf16 on TPUs and on GPUs of compute capability 8.0 or more (A100, L4, H100), which compute
+    in it natively. fp16 with loss scaling on older GPUs (Colab's T4 is 7.5, a V100 7.0): they
+    have no bf16 units, and torch.cuda.is_bf16_supported() says yes there only because it counts
+    slow emulation. None on a CPU."""
+    if device_type == "xla":
+        return "bf16"
+    if device_type == "cuda":
+        return "bf16" if tuple(capability) >= (8, 0) else "fp16"
+    return "no"
+
+
+def configure_deepspeed(accelerator, args):
+    """DeepSpeed clips gradients and counts batches itself, from its config, where Accelerate
+    fills "auto" with a clipping of 1.0 and a batch taken from the smaller of the dataloaders:
+    fill them from the flags instead."""
+    plugin = accelerator.state.deepspeed_plugin
+    wanted = {
+        "gradient_clipping": args.max_grad_norm,  # 0: no clipping, as in the other engines
+        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+        "train_batch_size": global_batch_size(args, accelerator),
+    }
+    for key, value in wanted.items():
+        if plugin.is_auto(key) or key not in plugin.deepspeed_config:
+            plugin.deepspeed_config[key] = value
+        elif plugin.deepspeed_config[key] != value:
+            raise UserError(
+                f"the DeepSpeed config sets {key} to {plugin.deepspeed_config[key]}, the flags make it {value}; "
+                f'set it to "auto" in the config to take the flags\' value'
+            )
+
+
+# ---- Batches, the optimizer and its schedule.
+def make_dataloaders(
+    args, accelerator, collate_fn, train_data, eval_data, test_data=None, sampler=None, eval_collate_fn=None
+):
+    """The training DataLoader (None without training data: --eval_only), in an EpochSampler's
+    order or `sampler`'s, and the evaluation ones (the test one None without test data), in
+    order. `eval_collate_fn`: another collate_fn for evaluation. Every DataLoader has a generator
+    of its own: without one, each new pass over it draws a seed from the global random state,
+    which dropout uses and checkpoints restore, so a resumed run (one pass more) would drop other
+    units. On a GPU, worker processes build the next batches while it computes, into pinned
+    memory, which it copies from faster."""
+    on_gpu = accelerator.device.type == "cuda"
+    workers = 2 if on_gpu else 0
+    if args.dataloader_num_workers is not None:
+        workers = args.dataloader_num_workers
+    options = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": on_gpu}
+    train = None
+    if isinstance(train_data, torch.utils.data.IterableDataset):  # a stream: it keeps its place in this process
+        train = DataLoader(
+            train_data,
+            args.per_device_train_batch_size,
+            collate_fn=collate_fn,
+            pin_memory=on_gpu,
+            generator=torch.Generator(),
+        )
+    elif train_data is not None:
+        sampler = sampler or EpochSampler(len(train_data), global_batch_size(args, accelerator), args.seed)
+        train = DataLoader(
+            train_data, args.per_device_train_batch_size, sampler=sampler, collate_fn=collate_fn,
+            generator=torch.Generator(), **options,
+        )  # fmt: skip
+    evaluation = []
+    for data in (eval_data, test_data):
+        if data is not None:
+            collate = eval_collate_fn or collate_fn
+            data = DataLoader(
+                data, args.per_device_eval_batch_size, collate_fn=collate, generator=torch.Generator(), **options
+            )
+        evaluation.append(data)
+    return train, *evaluation
+
+
+def global_batch_size(args, accelerator):
+    """Examples per optimizer step: per device x processes x accumulated micro-batches."""
+    return args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The training order. Each epoch's shuffle depends only on (seed, epoch): a resumed run sees
+    the same batches. It is padded with the epoch's first samples to a whole number of global
+    batches, so every optimizer step sees one full global batch, split any way over processes and
+    accumulation: a run may resume on another split of the same global batch and end at the same
+    weights. (Without it, 2 processes would pad the last batch with repeated samples while 1
+    process accumulating 2 would average a half batch.) Its own generator, never the global
+    random state that dropout uses and checkpoints restore."""
+
+    def __init__(self, num_samples, global_batch, seed):
+        self.num_samples, self.global_batch, self.seed, self.epoch = num_samples, global_batch, seed, 0
+
+    def set_epoch(self, epoch):  # called through the prepared dataloader's set_epoch
+        self.epoch = epoch
+
+    def shuffle(self, generator):
+        """This epoch's order of the samples (a subclass may group them)."""
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self):
+        order = torch.as_tensor(self.shuffle(torch.Generator().manual_seed(self.seed + self.epoch)))
+        padding = order[torch.arange(len(self) - len(order)) % len(order)]
+        for part in torch.cat([order, padding]).split(65_536):  # Python ints a slice at a time: constant memory
+            yield from part.tolist()
+
+    def __len__(self):
+        return math.ceil(self.num_samples / self.global_batch) * self.global_batch
+
+
+def make_optimizer(model, args, device):
+    """AdamW without weight decay on biases and normalization weights (the 1-D tensors); fused on
+    a GPU: one kernel for all parameters instead of one per tensor."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if len(full_shape(p)) >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if len(full_shape(p)) < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
+
+
+def full_shape(param):
+    """A weight's shape. DeepSpeed ZeRO-3 splits weights over the processes as the model loads:
+    each then holds an empty tensor here, and its whole shape is in `ds_shape`."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def make_scheduler(accelerator, optimizer, args, train_dataloader):
+    """The learning-rate schedule, counted in optimizer steps. Made before `prepare`, which must
+    see it with the model and the optimizer (DeepSpeed drives it from its engine then, and
+    checkpoints hold it), so the training batches per process are counted here: the EpochSampler
+    makes them divide exactly."""
+    total_steps = training_steps(batches_per_process(train_dataloader, accelerator.num_processes), args)[1]
+    return get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
+
+
+def batches_per_process(dataloader, num_processes=1):
+    """Batches an epoch gives each process: a dataloader before `prepare` gives them all
+    (num_processes splits them); a stream (--streaming) has no length (None)."""
+    if isinstance(dataloader.dataset, torch.utils.data.IterableDataset):
+        return None
+    return len(dataloader) // num_processes
+
+
+def training_steps(batches_per_epoch, args):
+    """Optimizer steps per epoch, in total, and the number of epochs that takes.
+    `batches_per_epoch` is per process (the prepared dataloader's length); a partial accumulation
+    at the end of an epoch still makes an optimizer step. A stream (None) is one epoch of
+    --max_train_steps, unless it ends first."""
+    if batches_per_epoch is None:
+        return args.max_train_steps, args.max_train_steps, 1
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
+
+
+def flops_per_token(model, seq_len):
+    """Training FLOPs per token as nanoGPT and the PaLM paper count them: 6 per weight in a
+    matrix product (2 forward, 4 backward), plus attention's 12 x layers x width x sequence
+    length. Embedding lookups are no matrix products; an output layer tied to the embeddings is.
+    Counted before `prepare`, which splits weights under FSDP, and from each weight's whole
+    shape, which ZeRO-3 splits as the model loads."""
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
+    matmul = sum(math.prod(full_shape(p)) for p in model.parameters() if id(p) not in embeddings)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        matmul += math.prod(full_shape(head.weight))
+    # Hugging Face configs map these names (GPT-2's n_layer, n_embd too); where one is missing, no
+    # attention term.
+    layers, width = getattr(model.config, "num_hidden_layers", 0), getattr(model.config, "hidden_size", 0)
+    return 6 * matmul + 12 * layers * width * seq_len
+
+
+def set_fsdp_units(accelerator, model):
+    """Under FSDP, the modules it shards as units (gathering each one's weights only while it
+    computes): the model's transformer layers. Accelerate's default, the model's
+    _no_split_modules, also names BERT's and RoBERTa's embedding modules, whose word embeddings
+    Accelerate then shards a second time, and FSDP2 fails. A unit list from the accelerate config
+    (fsdp_transformer_layer_cls_to_wrap) is kept."""
+    if (
+        accelerator.distributed_type != DistributedType.FSDP
+        or accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap
+    ):
+        return
+    word_embeddings = model.get_input_embeddings()
+    units = [name for name in model._no_split_modules or [] if not holds(model, name, word_embeddings)]
+    accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = units or None
+
+
+def holds(model, class_name, part):
+    """Whether the modules of class `class_name` in `model` hold the module `part`."""
+    return any(type(m).__name__ == class_name and any(inner is part for inner in m.modules()) for m in model.modules())
+
+
+# ---- The bookkeeping around the loop.
+class Run:
+    """The bookkeeping around a training loop: where training stands (TrainingState), counting
+    batches and optimizer steps, logging and checkpointing when due, and at each epoch's end
+    keeping the best model. Made with what it keeps track of; resume_or_start() then loads the
+    newest checkpoint. `metric_for_best_model` picks best/ (for a loss, lower is better);
+    `settings`, `may_change`: see Checkpointer; `stream`: a StreamedBlocks (--streaming);
+    `about`: the pipeline tag and the task, for the model card."""
+
+    def __init__(
+        self, accelerator, args, *, model, tokenizer, lr_scheduler, train_dataloader, flops_per_token, settings,
+        may_change=(), metric_for_best_model="loss", stream=None, about,
+    ):  # fmt: skip
+        self.accelerator, self.args, self.lr_scheduler, self.flops_per_token = (
+            accelerator,
+            args,
+            lr_scheduler,
+            flops_per_token,
+        )
+        self.model, self.tokenizer, self.stream, self.about = model, tokenizer, stream, about
+        self.metric = metric_for_best_model
+        self.output_dir = Path(args.output_dir)
+        self.best_dir = self.output_dir / "best"
+        batches = batches_per_process(train_dataloader)
+        self.steps_per_epoch, self.total_steps, self.num_epochs = training_steps(batches, args)
+        self.checkpointer = Checkpointer(accelerator, self.output_dir, args, settings, may_change)
+
+    def resume_or_start(self):
+        """Load the newest checkpoint in --output_dir made with these settings (or start at step
+        0), say what the run will do, and from now on let SIGTERM and Ctrl-C save a checkpoint
+        before the run stops."""
+        if self.accelerator.is_main_process:
+            recover_swaps(self.output_dir)  # best/, if a crash came while it was replaced
+        self.state = self.checkpointer.resume()
+        self.started, self.seconds_before = time.monotonic(), self.state.train_seconds
+        if self.stream is not None:  # --streaming: the stream goes on from the checkpoint's place in it
+            self.stream.start_at(self.state.stream_position)
+        StopSignals.catch()
+        self.progress = Progress(self.accelerator, self, self.lr_scheduler, self.flops_per_token)
+
+    def finished(self):
+        return self.state.completed_steps >= self.total_steps or self.state.stopped_early
+
+    def epochs(self):
+        """The epochs still to train, from where a resumed run stands (none if it is finished)."""
+        while not self.finished():
+            yield self.state.epoch
+
+    def batches(self, dataloader):
+        """This epoch's batches, without those a resumed run already trained on, up to the last
+        step."""
+        done = self.state.batch_in_epoch
+        if done and self.stream is None:  # (a stream starts where the checkpoint says)
+            dataloader = self.accelerator.skip_first_batches(dataloader, done)
+        for batch in dataloader:
+            if self.state.completed_steps >= self.total_steps:
+                break
+            yield batch
+        else:  # no break: the epoch ran to its end
+            self.state.epoch, self.state.batch_in_epoch, self.state.stream_position = self.state.epoch + 1, 0, None
+            # Accelerate counts micro-batches towards the next optimizer step and starts again at a
+            # dataloader's end. A run resumed from a checkpoint saved at that end saw no batch:
+            # start again here too.
+            self.accelerator.step = 0
+        self.progress.throughput.pause()  # evaluating and saving are not training: out of tokens/s
+
+    def count_batch(self, loss, num_tokens):
+        """Count a batch trained on, and the optimizer step it may complete; after a step, log
+        every --logging_steps and checkpoint when one is due. epochs() and batches() go by these
+        counts."""
+        self.state.batch_in_epoch += 1
+        self.progress.add(loss, num_tokens)
+        if self.accelerator.sync_gradients:  # an optimizer step was taken (not just accumulated)
+            self.state.completed_steps += 1
+            self.progress.step()
+            if self.save_due():
+                if self.stream is not None:  # where the blocks used so far end (not those fetched ahead)
+                    used = self.state.batch_in_epoch * self.args.per_device_train_batch_size
+                    self.state.stream_position = self.stream.position_after(used * self.accelerator.num_processes)
+                self.progress.throughput.pause()
+                self.checkpointer.save(self.state)  # exits here if a signal asked for the save
+                self.progress.throughput.resume()
+
+    def end_epoch(self, metrics):
+        """At an epoch's end: log the evaluation, export the model if it is the best so far, stop
+        early after --early_stopping_patience evaluations without improvement, checkpoint."""
+        state, patience = self.state, self.args.early_stopping_patience
+        self.progress.log({f"eval_{k}": v for k, v in metrics.items()})
+        epochs = state.completed_steps / self.steps_per_epoch  # a fraction when --max_train_steps ends mid-epoch
+        self.accelerator.print(f"step {state.completed_steps} (epoch {epochs:.2f}): {format_metrics(metrics)}")
+        value, best = metrics[self.metric], state.best_metric
+        if best is None or (value < best if self.metric == "loss" else value > best):
+            state.best_metric, state.best_step, state.evals_without_improvement = value, state.completed_steps, 0
+            results = {"step": state.completed_steps, **metrics}
+            export_model(self.accelerator, self.model, self.tokenizer, self.best_dir, self.model_card(results))
+            if self.accelerator.is_main_process:
+                write_json(self.output_dir / "eval_results.json", results)
+        else:
+            state.evals_without_improvement += 1
+            if patience and state.evals_without_improvement >= patience:
+                self.accelerator.print(f"No improvement in {self.metric} for {patience} evaluations: stopping early.")
+                state.stopped_early = True
+        self.checkpointer.save(state)
+        self.progress.throughput.resume()
+
+    def model_card(self, results):
+        """best/'s model card, for `results` (eval_results.json's): see model_card."""
+        self.state.train_seconds = self.seconds_before + time.monotonic() - self.started
+        device = self.accelerator.device.type.upper()
+        if device == "CUDA":
+            device = torch.cuda.get_device_name(self.accelerator.device)
+        hardware = {"processes": self.accelerator.num_processes, "device": device}
+        hardware["precision"] = self.accelerator.mixed_precision
+        config = self.accelerator.unwrap_model(self.model).config
+        return model_card(self.args, self.about, self.state, results, config, hardware)
+
+    def save_due(self):
+        """Step saves are the same on every process; the clock and signals are not, so with
+        several processes they are compared (a collective: it waits for the devices) only at
+        logging steps, which wait for them anyway."""
+        state, steps, minutes = self.state, self.args.checkpointing_steps, self.args.save_every_minutes
+        by_steps = bool(steps and state.completed_steps % steps == 0)
+        by_clock = bool(minutes and time.monotonic() - self.checkpointer.last_save_time >= 60 * minutes)
+        due = by_steps or by_clock or StopSignals.received is not None
+        if self.accelerator.num_processes == 1:
+            return due
+        if state.completed_steps % self.args.logging_steps:
+            return by_steps
+        flag = torch.tensor([float(due)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def finish(self, test_metrics=None):
+        """The end: peak GPU memory, log_history.json, loss.png; best/'s test metrics (test_*,
+        from score_best) into eval_results.json, its model card with the whole run's evaluations
+        and curve, and the upload to the Hub with --push_to_hub."""
+        self.progress.bar.close()
+        self.accelerator.end_training()
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # ZeRO-3 would split the demo's model over processes that have ended (from_pretrained
+            # waits for them): the demo loads best/ whole, as users will.
+            unset_hf_deepspeed_config()
+        if self.accelerator.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
+            self.accelerator.print(f"Peak GPU memory: {peak:.2f} GiB")
+        if not self.accelerator.is_main_process:
+            return
+        write_json(self.output_dir / "log_history.json", self.state.log_history)
+        plot_history(self.state.log_history, self.output_dir / "loss.png", ("eval_loss", f"eval_{self.metric}"))
+        results = json.loads((self.output_dir / "eval_results.json").read_text()) | (test_metrics or {})
+        write_json(self.output_dir / "eval_results.json", results)
+        shutil.copy(self.output_dir / "loss.png", self.best_dir / "loss.png")
+        self.model_card(results).save(self.best_dir / "README.md")
+        best = self.state.best_metric
+        print(f"Best {self.metric}: {best:.4f} at step {self.state.best_step}; model in {self.best_dir}")
+        if test_metrics:
+            print(f"best/ on the test data: {format_metrics(test_metrics)}")
+        if self.args.push_to_hub:
+            push_to_hub(self.args, self.best_dir, self.state.best_step)
+
+
+class Progress:
+    """What a run shows while it trains: the progress bar, and every --logging_steps steps the
+    training loss, learning rate, tokens/s and MFU, logged into the training state (saved with
+    checkpoints) and the trackers. The loss stays on the device until then: .item() waits for the
+    device, so it happens only every --logging_steps steps."""
+
+    def __init__(self, accelerator, run, lr_scheduler, flops_per_token):
+        self.accelerator, self.run, self.lr_scheduler = accelerator, run, lr_scheduler
+        if run.finished():
+            accelerator.print(
+                f"Training already finished in {run.output_dir} ({run.state.completed_steps} steps); "
+                "raise --num_train_epochs or --max_train_steps to train further."
+            )
+        else:
+            args, processes = run.args, accelerator.num_processes
+            batch = (args.per_device_train_batch_size, args.gradient_accumulation_steps, processes)
+            accelerator.print(
+                f"Training for {run.num_epochs} epochs, {run.total_steps} optimizer steps ({run.steps_per_epoch} per "
+                f"epoch), global batch {math.prod(batch)} ({batch[0]} per device x {batch[1]} accumulated x {batch[2]} "
+                f"process(es)), {accelerator.device}, mixed precision: {accelerator.mixed_precision}"
+            )
+        self.throughput = Throughput(accelerator, flops_per_token)
+        self.losses = []
+        disable = not accelerator.is_main_process  # one bar, on the main process
+        self.bar = tqdm(total=run.total_steps, initial=run.state.completed_steps, disable=disable)
+
+    def add(self, loss, num_tokens):
+        self.losses.append(loss.detach())
+        self.throughput.add(num_tokens)
+
+    def step(self):
+        self.bar.update(1)
+        if self.run.state.completed_steps % self.run.args.logging_steps:
+            return
+        mean = self.accelerator.reduce(torch.stack(self.losses).float().mean(), reduction="mean").item()
+        metrics = {"train_loss": mean, "learning_rate": self.lr_scheduler.get_last_lr()[0], **self.throughput.report()}
+        self.log(metrics)
+        self.losses = []
+        postfix = {"loss": f"{mean:.4f}", "lr": f"{metrics['learning_rate']:.2e}"}
+        postfix["tok/s"] = f"{metrics['tokens_per_second']:.0f}"
+        if "mfu" in metrics:
+            postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+        self.bar.set_postfix(postfix)
+
+    def log(self, metrics):
+        state = self.run.state
+        state.log_history.append({"step": state.completed_steps, "epoch": state.epoch, **metrics})
+        self.accelerator.log(metrics, step=state.completed_steps)
+
+
+@dataclass
+class TrainingState:
+    """Where training stands, saved in every checkpoint (never guessed from folder names)."""
+
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on (per process)
+    completed_steps: int = 0  # optimizer steps, over all epochs
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    log_history: list = field(default_factory=list)
+    stream_position: dict | None = None  # --streaming: where in the stream the used blocks end (StreamedBlocks)
+    train_seconds: float = 0.0  # time spent in this run and the ones it resumed (for the model card)
+
+
+# ---- Evaluation.
+@torch.no_grad()
+def evaluate(accelerator, model, dataloader, per_example):
+    """`per_example(model, batch)` -> dict of tensors with one row per example, over the whole
+    dataloader and every process. `gather_for_metrics` drops the examples that the last batch
+    repeats to keep processes even, so metrics are exact for any number of processes; per-example
+    values keep a small last batch from skewing means."""
+    model.eval()  # dropout off; the loop turns it on again at its next epoch (model.train())
+    parts, dtypes = {}, {}
+    for batch in dataloader:
+        for k, v in accelerator.gather_for_metrics(per_example(model, batch)).items():
+            # Python numbers, not many small CPU tensors: on a CPU those would sit between the freed
+            # big buffers of each batch (logits) and keep the allocator from returning them (GBs
+            # over a long evaluation).
+            parts.setdefault(k, []).extend(v.cpu().tolist())
+            dtypes[k] = v.dtype
+    return {k: torch.tensor(v, dtype=dtypes[k]) for k, v in parts.items()}
+
+
+def load_metric(name, fallback):
+    """An `evaluate` metric's compute(), or `fallback` (the same numbers) when the hub cannot be
+    reached: evaluate fetches metric code from the hub on first use."""
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        with contextlib.suppress(Exception):  # no network: the fallback
+            import evaluate
+
+            return evaluate.load(name).compute
+    return fallback
+
+
+def format_metrics(metrics):
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def prepare_for_evaluation(accelerator, model, *dataloaders):
+    """The model and dataloaders for evaluation alone (--eval_only, a test set): every process
+    holds the whole model, in the run's mixed precision. Nothing to shard without an optimizer
+    (FSDP2 and DeepSpeed prepare a model only with one)."""
+    model = accelerator.prepare_model(model.to(accelerator.device), evaluation_mode=True)
+    return model, *(accelerator.prepare_data_loader(dataloader) for dataloader in dataloaders)
+
+
+def evaluate_only(accelerator, args, model, evaluate, eval_dataloader, test_dataloader=None):
+    """--eval_only: `evaluate(accelerator, model, dataloader)` on the validation data, and the
+    test data if given (its metrics named test_*), into <output_dir>/eval_results.json. No
+    training, no checkpoint."""
+    dataloaders = [eval_dataloader] if test_dataloader is None else [eval_dataloader, test_dataloader]
+    model, *dataloaders = prepare_for_evaluation(accelerator, model, *dataloaders)
+    metrics = evaluate(accelerator, model, dataloaders[0])
+    if test_dataloader is not None:
+        metrics |= {f"test_{k}": v for k, v in evaluate(accelerator, model, dataloaders[1]).items()}
+    accelerator.print(f"eval: {format_metrics(metrics)}")
+    if accelerator.is_main_process:
+        write_json(Path(args.output_dir) / "eval_results.json", metrics)
+    return metrics
+
+
+def score_best(accelerator, auto_class, best_dir, evaluate, test_dataloader):
+    """--test_file after training: best/ loaded whole on every process, as users load it, scored
+    by `evaluate(accelerator, model, dataloader)`: its metrics, named test_*."""
+    unset_hf_deepspeed_config()  # training is over: ZeRO-3 must not split the model it loads
+    model, test_dataloader = prepare_for_evaluation(accelerator, from_pretrained(auto_class, best_dir), test_dataloader)
+    return {f"test_{k}": v for k, v in evaluate(accelerator, model, test_dataloader).items()}
+
+
+# ---- main(): one line for bad input.
+def run(train_fn, parse_args, argv=None):
+    """train_fn(parse_args(argv)), with a UserError (or a full or unwritable disk) turned into
+    one line on stderr and exit code 2. The folder's lock and the signal handlers are given back
+    however it ends (a notebook keeps Ctrl-C)."""
+    script = Path(sys.modules[train_fn.__module__].__file__)
+    try:
+        args = parse_args(argv)
+        # The last of parsing: where the outputs go, and the command line (for the model card).
+        args.output_dir = str(resolve_output_dir(args, script.stem))
+        args.command = command_line(script.name, sys.argv[1:] if argv is None else argv)
+        if args.auto_find_batch_size:
+            return train_with_a_batch_that_fits(train_fn, args)
+        return train_fn(args)
+    except UserError as err:
+        message = str(err)
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        message = (
+            f"cannot write {err.filename or 'the output'} ({err.strerror}); free some space or pass "
+            "another --output_dir, then run the same command again (complete checkpoints are intact)"
+        )
+    finally:
+        OutputLock.release_held()
+        StopSignals.restore()
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()  # so the message starts on a line of its own
+    if os.environ.get("RANK", "0") == "0":  # several processes stop alike: the first one says why
+        print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def first_line(err, limit=200):
+    """An exception's message as one short line; its type when the message is empty (some loaders
+    raise bare exceptions, and an empty reason says nothing)."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
+def command_line(script, argv):
+    """The command that runs this again, as a shell reads it; a --hub_token is never written
+    down."""
+    argv = [str(arg) for arg in argv]
+    if "--hub_token" in argv:
+        argv[argv.index("--hub_token") + 1] = "$HF_TOKEN"
+    return shlex.join(["python", script, *argv])
+
+
+def train_with_a_batch_that_fits(train_fn, args):
+    """--auto_find_batch_size: Accelerate's find_executable_batch_size runs the training, and
+    when the GPU runs out of memory, runs it again with a smaller per-device batch (the largest
+    divisor of the first one that halves it at least) and as many more accumulated micro-batches:
+    the same global batch, so the same schedule, and the run goes on from its last checkpoint.
+    The size that fits goes to <output_dir>/batch_size.json; a re-run starts there."""
+    first, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    record, size = Path(args.output_dir) / "batch_size.json", first
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        fits = json.loads(record.read_text())
+        if fits["global_batch"] == first * accumulation:
+            size = fits["per_device_train_batch_size"]
+            print(f"note: {record} says a per-device batch of {size} fits: starting with it")
+
+    def smaller():
+        nonlocal size
+        size = max([d for d in range(1, size // 2 + 1) if first % d == 0], default=0)
+        return size
+
+    @find_executable_batch_size(starting_batch_size=size, reduce_batch_size_fn=smaller)
+    def train_with(batch_size):
+        OutputLock.release_held()  # the try that ran out of memory held the folder
+        steps = accumulation * first // batch_size
+        if batch_size != first:
+            print(
+                f"--auto_find_batch_size: per-device batch {batch_size} x {steps} accumulated (the same "
+                f"global batch as {first} x {accumulation}), from the last checkpoint"
+            )
+            record.parent.mkdir(parents=True, exist_ok=True)
+            write_json(record, {"per_device_train_batch_size": batch_size, "global_batch": first * accumulation})
+        # The run as if started with these two flags (args itself stays as parsed).
+        split = {"per_device_train_batch_size": batch_size, "gradient_accumulation_steps": steps}
+        return train_fn(argparse.Namespace(**{**vars(args), **split}))
+
+    return train_with()
+
+
+# ==================================================================================================
+# A reader following a training loop may stop here. What follows reads data of any size, then keeps
+# work safe: the output folder's lock, stop signals, checkpoints, the export and its model card, the
+# Hub, throughput.
+# ==================================================================================================
+
+# ---- Data: files, the hub, token files, streams.
+VALIDATION_SPLITS = ("validation", "validation_matched", "valid", "dev")  # MNLI: validation_matched
+
+
+TEXTS = (".txt", ".raw", ".text")  # extensions of plain text files
+
+
+def input_files(pattern, flag, extensions):
+    """The files a data flag names (a path or a glob: "books/*.txt"), each non-empty UTF-8 with
+    one of `extensions`."""
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [Path(pattern)]
+    if not paths:
+        raise UserError(f"file not found: no file matches {pattern}; check the path or pattern given to {flag}")
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"{flag} {path} is a directory, not a file; pass the file (a glob like '{path}/*' works)")
+        if not path.is_file():
+            raise UserError(f"file not found: {path}; check the path given to {flag}")
+        if path.suffix.lower() not in extensions:
+            raise UserError(f"{flag} {path}: unsupported extension '{path.suffix}'; use one of {', '.join(extensions)}")
+        if path.stat().st_size == 0:
+            raise UserError(f"{flag} {path} is empty; give it some data")
+        check_utf8(path, flag)
+    return [str(p) for p in paths]
+
+
+def check_utf8(path, flag):
+    """Text must be UTF-8; say where it is not (a Latin-1 or Windows-1252 file, usually)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):  # line by line: b"\n" is never part of a longer UTF-8 character
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(
+                    f"{flag} {path} is not UTF-8 text (byte 0x{line[err.start]:02x} at offset {offset + err.start}, "
+                    f"line {number}); convert it, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8.txt`"
+                ) from None
+            offset += len(line)
+
+
+def from_pretrained(auto_class, name, what="model", **options):
+    """`auto_class.from_pretrained(name, **options)` (an AutoModel... or AutoTokenizer), with one
+    clear line when `name` is neither a model folder nor a hub name that can be reached."""
+    try:
+        return auto_class.from_pretrained(name, **options)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(
+            f"--model_name_or_path {name}: cannot load a {what} from it ({first_line(err)}); pass a hub name, "
+            "or a folder saved with save_pretrained (config.json, weights and tokenizer files)"
+        ) from None
+
+
+def load_hub_dataset(name, config_name=None, streaming=False):
+    """The train split and the validation split (None if there is none) of a hub data set or of a
+    folder saved with `save_to_disk`; one clear line when it cannot be had."""
+    try:
+        saved = (Path(name) / "dataset_dict.json").exists()  # a folder written by save_to_disk
+        if saved:
+            raw = datasets.load_from_disk(name)
+            raw = (
+                datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in raw.items()}) if streaming else raw
+            )
+        else:
+            raw = datasets.load_dataset(name, config_name, streaming=streaming)
+    except (OSError, ValueError) as err:  # OSError: FileNotFoundError and network errors
+        raise UserError(
+            f"--dataset_name {name}: cannot load it ({first_line(err)}); check the name and the network, "
+            "or pass local files with --train_file and --validation_file"
+        ) from None
+    if "train" not in raw:
+        raise UserError(f"--dataset_name {name} has no 'train' split (it has {list(raw)}); pass local files instead")
+    return raw["train"], next((raw[split] for split in VALIDATION_SPLITS if split in raw), None)
+
+
+def load_hub_test_split(name, config_name=None):
+    """The test split of a hub data set (MNLI: test_matched), or a clear line that it has none."""
+    saved = (Path(name) / "dataset_dict.json").exists()
+    raw = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, config_name)
+    for split in ("test", "test_matched"):
+        if split in raw:
+            return raw[split]
+    raise UserError(f"--do_predict: --dataset_name {name} has no 'test' split (it has {list(raw)}); pass --test_file")
+
+
+def load_text_data(args, keep_linebreaks=True):
+    """Train and validation data sets with one `text` row per line, from local files (globs
+    allowed) or the hub. keep_linebreaks leaves each line's "\\n", as WikiText has it, so packed
+    text keeps its lines. Without validation text, the last --validation_split_percentage of the
+    lines are held out (contiguous, not interleaved)."""
+    if args.streaming:
+        return load_text_stream(args, keep_linebreaks)
+
+    def load_files(pattern, flag):
+        files = input_files(pattern, flag, TEXTS)
+        return datasets.load_dataset("text", data_files=files, split="train", keep_linebreaks=keep_linebreaks)
+
+    if args.train_file:
+        train = load_files(args.train_file, "--train_file")
+        validation = load_files(args.validation_file, "--validation_file") if args.validation_file else None
+    else:
+        train, validation = load_hub_dataset(args.dataset_name, args.dataset_config_name)
+    if validation is None:
+        if len(train) < 2:
+            raise UserError("the training text has fewer than 2 lines: too little to hold out validation text")
+        n = len(train) - max(1, len(train) * args.validation_split_percentage // 100)
+        train, validation = train.select(range(n)), train.select(range(n, len(train)))
+    for split, data, source in (("train", train, args.train_file), ("validation", validation, args.validation_file)):
+        if not has_text(data):
+            raise UserError(f"{source or args.train_file or args.dataset_name}: the {split} text is empty; add text")
+    return first_n(train, args.max_train_samples), first_n(validation, args.max_eval_samples)
+
+
+def load_text_stream(args, keep_linebreaks):
+    """--streaming: the training lines as they are read (a datasets IterableDataset), for text
+    larger than the disk, and the first --max_eval_samples validation lines (10,000 unless
+    given), which evaluation reads into memory."""
+    if args.max_train_steps is None:
+        raise UserError("--streaming needs --max_train_steps: a stream's length is not known before it ends")
+    text = {"split": "train", "streaming": True, "keep_linebreaks": keep_linebreaks}
+    if args.train_file:
+        train = datasets.load_dataset("text", data_files=input_files(args.train_file, "--train_file", TEXTS), **text)
+        validation = None
+        if args.validation_file:
+            files = input_files(args.validation_file, "--validation_file", TEXTS)
+            validation = datasets.load_dataset("text", data_files=files, **text)
+    else:
+        train, validation = load_hub_dataset(args.dataset_name, args.dataset_config_name, streaming=True)
+    if validation is None:  # a percentage of a stream of unknown length cannot be held out
+        raise UserError(
+            "--streaming cannot hold out --validation_split_percentage of a stream: pass --validation_file, or a data "
+            "set with a validation split"
+        )
+    if args.max_train_samples:
+        train = train.take(args.max_train_samples)
+    if not args.max_eval_samples:
+        print(
+            "note: --streaming evaluates on the first 10,000 validation lines; --max_eval_samples sets another number"
+        )
+    return train, validation.take(args.max_eval_samples or 10_000)
+
+
+def load_test_text(args, keep_linebreaks=True):
+    """--test_file's lines (held-out text, scored with best/ after training), or None without it."""
+    if not args.test_file:
+        return None
+    files = input_files(args.test_file, "--test_file", TEXTS)
+    return datasets.load_dataset("text", data_files=files, split="train", keep_linebreaks=keep_linebreaks)
+
+
+def has_text(data):
+    """Whether any line holds more than white space; read a batch at a time (never the whole text
+    at once)."""
+    for batch in data.iter(batch_size=10_000):
+        for line in batch["text"]:
+            if line.strip():
+                return True
+    return False
+
+
+def first_n(data, count):
+    """The first `count` rows of a data set (--max_train_samples, --max_eval_samples), or all."""
+    return data.select(range(min(count, len(data)))) if count else data
+
+
+def preprocessing_workers(args):
+    """--preprocessing_num_workers, else every core this process may use."""
+    if args.preprocessing_num_workers:
+        return args.preprocessing_num_workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+class TokenFile:
+    """Every token of a text, one line after the other, in one flat array on disk (uint16 where
+    the vocabulary fits, else uint32), as nanoGPT's prepare.py writes a corpus: training reads
+    slices of it through np.memmap, so memory stays flat however large the text, and a re-run of
+    the same command finds it and starts at once. Two .npy files, whose headers hold their
+    lengths: <name>.lines.npy, where each line starts, then <name>.tokens.npy, written last. Each
+    is written under a temporary name and renamed when whole; one cut short no longer opens."""
+
+    def __init__(self, path):
+        self.tokens_path, self.lines_path = Path(f"{path}.tokens.npy"), Path(f"{path}.lines.npy")
+        self.tokens, self.line_starts = None, None
+
+    def open(self):
+        """Open both arrays, as np.memmap; False if either is missing or cut short (then it is
+        made again)."""
+        try:
+            self.line_starts = np.load(self.lines_path, mmap_mode="r")  # where each line starts, then the end
+            self.tokens = np.load(self.tokens_path, mmap_mode="r")  # slicing reads only that slice
+        except (OSError, ValueError):
+            return False
+        return True
+
+    @property
+    def num_tokens(self):
+        return len(self.tokens)
+
+    def __getstate__(self):  # a DataLoader worker opens the files itself, rather than copying their contents
+        return {**self.__dict__, "tokens": None, "line_starts": None}
+
+    def __setstate__(self, state):
+        self.__dict__ = state
+        self.open()
+
+    def write(self, encoded, vocabulary_size):
+        """The `input_ids` of a mapped data set, in order, a batch of lines at a time (never the
+        whole text)."""
+        folder = self.tokens_path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob(f".tmp-*-{self.tokens_path.name.split('.')[0]}.*"):  # a run killed while it wrote
+            writer = old.name.split("-")[1]
+            if writer == str(os.getpid()) or not process_exists(writer):
+                old.unlink()
+        lengths = encoded.select_columns(["length"]).with_format("numpy")
+        total = sum(int(batch["length"].sum()) for batch in lengths.iter(batch_size=100_000))
+        dtype = np.uint16 if vocabulary_size <= 2**16 else np.uint32
+        tmp = {path: path.with_name(f".tmp-{os.getpid()}-{path.name}") for path in (self.lines_path, self.tokens_path)}
+        starts = np.lib.format.open_memmap(tmp[self.lines_path], mode="w+", dtype=np.int64, shape=(len(encoded) + 1,))
+        tokens = np.lib.format.open_memmap(tmp[self.tokens_path], mode="w+", dtype=dtype, shape=(total,))
+        position, line = 0, 0
+        for batch in encoded.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=10_000):
+            column = batch.column("input_ids").combine_chunks()  # a list of ids per line
+            values = column.flatten().to_numpy()  # all of them in one array, without a copy
+            tokens[position : position + len(values)] = values
+            lengths = np.diff(column.offsets.to_numpy())
+            starts[line + 1 : line + 1 + len(lengths)] = position + np.cumsum(lengths)
+            position, line = position + len(values), line + len(lengths)
+        for array in (starts, tokens):
+            array.flush()
+        del starts, tokens
+        for path, written in tmp.items():  # the line starts, then the tokens: a token file that opens is whole
+            os.replace(written, path)
+        self.open()
+
+
+def tokenize_to_file(texts, tokenize, tokenizer, args, what, recipe):
+    """The TokenFile of `texts` (a `text` column): `tokenize(list of lines)` -> the token ids of
+    each line (fewer lists to drop lines). Made once, on --preprocessing_num_workers processes,
+    and found again by what determines its content: the text (the data set's fingerprint, which
+    changes with the files), the tokenizer and the `recipe`. It lives beside the datasets cache
+    (HF_DATASETS_CACHE), which each machine has its own of."""
+    key = [texts._fingerprint, tokenizer_fingerprint(tokenizer), recipe]
+    name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
+    token_file = TokenFile(Path(datasets.config.HF_DATASETS_CACHE) / "lm-tokens" / name)
+    if token_file.open():
+        print(f"Tokens of the {what} text: {token_file.num_tokens:,}, from {token_file.tokens_path}")
+        return token_file
+
+    def encode(batch):
+        ids = tokenize(batch["text"])
+        return {"input_ids": ids, "length": [len(line) for line in ids]}
+
+    started, workers = time.perf_counter(), min(preprocessing_workers(args), max(1, len(texts)))
+    text_bytes = texts.data.nbytes  # the text as Arrow holds it, about its size in UTF-8
+    # The fast tokenizer's own threads and forked worker processes do not mix: with workers, each
+    # one thread.
+    threads = os.environ.get("TOKENIZERS_PARALLELISM")
+    if workers > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        encoded = texts.map(
+            encode, batched=True, num_proc=workers if workers > 1 else None, remove_columns=texts.column_names,
+            desc=f"Tokenizing the {what} text ({workers} process{'es' if workers > 1 else ''})",
+        )  # fmt: skip
+    finally:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        if threads is not None:
+            os.environ["TOKENIZERS_PARALLELISM"] = threads
+    token_file.write(encoded, len(tokenizer))
+    for cache in encoded.cache_files:  # the token file has it all now: free the disk
+        with contextlib.suppress(OSError):
+            os.remove(cache["filename"])
+    seconds = time.perf_counter() - started
+    print(
+        f"Tokenized the {what} text: {token_file.num_tokens:,} tokens from {text_bytes / 1e6:,.1f} MB in "
+        f"{seconds:.1f} s ({text_bytes / 1e6 / seconds:.2f} MB/s, {workers} worker(s)); in {token_file.tokens_path}"
+    )
+    return token_file
+
+
+def tokenizer_fingerprint(tokenizer):
+    """What makes a tokenizer's ids: its class and its vocabulary, merges and rules
+    (tokenizer.json)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}{rules}".encode()).hexdigest()
+
+
+class TokenSamples(torch.utils.data.Dataset):
+    """Training samples read from a TokenFile: blocks of exactly `block_size` tokens cut from the
+    one stream (only the final partial block is left out: no padding, every position a
+    prediction), or each line as it was tokenized (block_size None). `special_ids`: also give the
+    attention mask and which tokens are special (never masked)."""
+
+    def __init__(self, token_file, block_size=None, special_ids=None):
+        self.token_file, self.block_size = token_file, block_size
+        self.special_ids = None if special_ids is None else np.array(sorted(special_ids))
+
+    def __len__(self):
+        if self.block_size:
+            return self.token_file.num_tokens // self.block_size
+        return len(self.token_file.line_starts) - 1
+
+    def __getitem__(self, index):
+        if self.block_size:
+            start, end = index * self.block_size, (index + 1) * self.block_size
+        else:
+            start, end = self.token_file.line_starts[index : index + 2]
+        return lm_sample(self.token_file.tokens[start:end], self.special_ids)
+
+
+def lm_sample(ids, special_ids=None):
+    """A language model's sample: its token ids; with `special_ids`, also its attention mask (all
+    ones: nothing is padding) and which tokens are special (masking leaves those alone)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    sample = {"input_ids": torch.from_numpy(ids)}
+    if special_ids is not None:
+        sample["attention_mask"] = torch.ones_like(sample["input_ids"])
+        sample["special_tokens_mask"] = torch.from_numpy(np.isin(ids, special_ids).astype(np.int64))
+    return sample
+
+
+def length(data):
+    """How many samples a data set holds; None for a stream (--streaming) or no data."""
+    return None if data is None or isinstance(data, torch.utils.data.IterableDataset) else len(data)
+
+
+def stream_of(data):
+    """The training data if it is a stream (--streaming), for Run to keep its place in it; else
+    None."""
+    return data if isinstance(data, StreamedBlocks) else None
+
+
+class StreamedBlocks(torch.utils.data.IterableDataset):
+    """Training samples from a stream of lines (--streaming): the lines tokenized 1,000 at a time
+    and packed into one stream of blocks of `block_size` tokens, as from a token file (or each
+    line, block_size None), `special_ids` as in TokenSamples. It notes where in the stream each
+    block it gives ends, so a checkpoint records the place of the blocks training has used
+    (position_after), not of those the DataLoader already fetched ahead, and a run resumed there
+    (start_at) goes on with the very next block. The stream is read in order: a shuffle buffer
+    could not be restored exactly."""
+
+    def __init__(self, lines, tokenize, block_size=None, special_ids=None):
+        self.lines, self.tokenize, self.block_size = lines, tokenize, block_size
+        self.special_ids = None if special_ids is None else np.array(sorted(special_ids))
+        self.start, self.positions = None, collections.deque(maxlen=10_000)  # (blocks given, where they end)
+
+    def start_at(self, position):
+        self.start = position  # None: the stream's beginning
+
+    def position_after(self, blocks):
+        """Where the stream stands once `blocks` of its blocks (counted from the start of this
+        pass) are used: the batch of lines that holds the next block's first token, the line in
+        it, and the token in that line."""
+        for given, position in self.positions:
+            if given == blocks:
+                return position
+        return self.start  # none given yet in this run: where it started
+
+    def __iter__(self):
+        start, self.start = self.start or {"given": 0, "source": None, "line": 0, "token": 0}, None
+        if start["source"] is not None:
+            self.lines.load_state_dict(start["source"])
+        given, buffer, source, resuming = start["given"], [], start["source"], True
+        lines = iter(self.lines)
+        while True:
+            batch = [row["text"] for row in itertools.islice(lines, 1000)]
+            if not batch:
+                return
+            for number, ids in enumerate(self.tokenize(batch)):
+                offset = 0  # where in the line its tokens start: a resumed run may have used the first ones
+                if resuming and number < start["line"]:  # lines a resumed run has used already
+                    continue
+                if resuming and number == start["line"]:
+                    offset = start["token"]
+                resuming = False
+                for piece, rest in self.cut(buffer, ids[offset:]):
+                    given += 1
+                    # After this block: this batch of lines, the line (or the next one), the token
+                    # the rest begins at.
+                    line, token = (number, len(ids) - rest) if rest else (number + 1, 0)
+                    self.positions.append((given, {"given": given, "source": source, "line": line, "token": token}))
+                    yield lm_sample(piece, self.special_ids)
+            source, resuming = copy.deepcopy(self.lines.state_dict()), False  # where the next batch starts
+
+    def cut(self, buffer, ids):
+        """The blocks that `ids` completes, each with how many tokens of the stream are left
+        after it (they stay in `buffer`, for the next block); a line as it is without block_size."""
+        if self.block_size is None:
+            return [(ids, 0)]
+        buffer.extend(ids)
+        blocks, start = [], 0
+        while len(buffer) - start >= self.block_size:
+            blocks.append((buffer[start : start + self.block_size], len(buffer) - start - self.block_size))
+            start += self.block_size
+        del buffer[:start]
+        return blocks
+
+
+# ---- Where the outputs go, and one run per output folder.
 def in_colab():
     return "COLAB_RELEASE_TAG" in os.environ or "google.colab" in sys.modules
 
@@ -230,10 +1207,11 @@ def resolve_output_dir(args, script_name):
 
 
 class OutputLock:
-    """One run per output folder: two runs writing checkpoints into one folder would wreck each other's. The lock file
-    names its host and process and is touched every HEARTBEAT seconds. A run killed with SIGKILL (or a vanished Colab
-    runtime) cannot remove it, so it is taken over when its process is gone (same machine) or its heartbeat is older
-    than STALE seconds (another machine, such as an earlier runtime on the same Drive)."""
+    """One run per output folder: two runs writing checkpoints into one folder would wreck each
+    other's. The lock file names its host and process and is touched every HEARTBEAT seconds. A
+    run killed with SIGKILL (or a vanished Colab runtime) cannot remove it, so it is taken over
+    when its process is gone (same machine) or its heartbeat is older than STALE seconds (another
+    machine, such as an earlier runtime on the same Drive)."""
 
     HEARTBEAT, STALE = 20, 120
     held = None
@@ -319,594 +1297,11 @@ def process_exists(pid):
     return True
 
 
-# ---- Data files and data sets.
-VALIDATION_SPLITS = ("validation", "validation_matched", "valid", "dev")  # MNLI: validation_matched
-TEXTS = (".txt", ".raw", ".text")  # extensions of plain text files
-
-
-def input_files(pattern, flag, extensions):
-    """The files a data flag names (a path or a glob: "books/*.txt"), each non-empty UTF-8 with one of `extensions`."""
-    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [Path(pattern)]
-    if not paths:
-        raise UserError(f"file not found: no file matches {pattern}; check the path or pattern given to {flag}")
-    for path in paths:
-        if path.is_dir():
-            raise UserError(f"{flag} {path} is a directory, not a file; pass the file (a glob like '{path}/*' works)")
-        if not path.is_file():
-            raise UserError(f"file not found: {path}; check the path given to {flag}")
-        if path.suffix.lower() not in extensions:
-            raise UserError(f"{flag} {path}: unsupported extension '{path.suffix}'; use one of {', '.join(extensions)}")
-        if path.stat().st_size == 0:
-            raise UserError(f"{flag} {path} is empty; give it some data")
-        check_utf8(path, flag)
-    return [str(p) for p in paths]
-
-
-def check_utf8(path, flag):
-    """Text must be UTF-8; say where it is not (a Latin-1 or Windows-1252 file, usually)."""
-    offset = 0
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):  # line by line: b"\n" is never part of a longer UTF-8 character
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise UserError(
-                    f"{flag} {path} is not UTF-8 text (byte 0x{line[err.start]:02x} at offset {offset + err.start}, "
-                    f"line {number}); convert it, e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8.txt`"
-                ) from None
-            offset += len(line)
-
-
-def from_pretrained(auto_class, name, what="model", **options):
-    """`auto_class.from_pretrained(name, **options)` (an AutoModel... or AutoTokenizer), with one clear line when `name`
-    is neither a model folder nor a hub name that can be reached."""
-    try:
-        return auto_class.from_pretrained(name, **options)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(
-            f"--model_name_or_path {name}: cannot load a {what} from it ({first_line(err)}); pass a hub name, "
-            "or a folder saved with save_pretrained (config.json, weights and tokenizer files)"
-        ) from None
-
-
-def load_hub_dataset(name, config_name=None, streaming=False):
-    """The train split and the validation split (None if there is none) of a hub data set
-    or of a folder saved with `save_to_disk`; one clear line when it cannot be had."""
-    try:
-        saved = (Path(name) / "dataset_dict.json").exists()  # a folder written by save_to_disk
-        if saved:
-            raw = datasets.load_from_disk(name)
-            raw = (
-                datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in raw.items()}) if streaming else raw
-            )
-        else:
-            raw = datasets.load_dataset(name, config_name, streaming=streaming)
-    except (OSError, ValueError) as err:  # OSError: FileNotFoundError and network errors
-        raise UserError(
-            f"--dataset_name {name}: cannot load it ({first_line(err)}); check the name and the network, "
-            "or pass local files with --train_file and --validation_file"
-        ) from None
-    if "train" not in raw:
-        raise UserError(f"--dataset_name {name} has no 'train' split (it has {list(raw)}); pass local files instead")
-    return raw["train"], next((raw[split] for split in VALIDATION_SPLITS if split in raw), None)
-
-
-def load_hub_test_split(name, config_name=None):
-    """The test split of a hub data set (MNLI: test_matched), or a clear line that it has none."""
-    saved = (Path(name) / "dataset_dict.json").exists()
-    raw = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, config_name)
-    for split in ("test", "test_matched"):
-        if split in raw:
-            return raw[split]
-    raise UserError(f"--do_predict: --dataset_name {name} has no 'test' split (it has {list(raw)}); pass --test_file")
-
-
-def load_text_data(args, keep_linebreaks=True):
-    """Train and validation data sets with one `text` row per line, from local files (globs allowed) or the hub.
-    keep_linebreaks leaves each line's "\\n", as WikiText has it, so packed text keeps its lines. Without validation
-    text, the last --validation_split_percentage of the lines are held out (contiguous, not interleaved)."""
-    if args.streaming:
-        return load_text_stream(args, keep_linebreaks)
-
-    def load_files(pattern, flag):
-        files = input_files(pattern, flag, TEXTS)
-        return datasets.load_dataset("text", data_files=files, split="train", keep_linebreaks=keep_linebreaks)
-
-    if args.train_file:
-        train = load_files(args.train_file, "--train_file")
-        validation = load_files(args.validation_file, "--validation_file") if args.validation_file else None
-    else:
-        train, validation = load_hub_dataset(args.dataset_name, args.dataset_config_name)
-    if validation is None:
-        if len(train) < 2:
-            raise UserError("the training text has fewer than 2 lines: too little to hold out validation text")
-        n = len(train) - max(1, len(train) * args.validation_split_percentage // 100)
-        train, validation = train.select(range(n)), train.select(range(n, len(train)))
-    for split, data, source in (("train", train, args.train_file), ("validation", validation, args.validation_file)):
-        if not has_text(data):
-            raise UserError(f"{source or args.train_file or args.dataset_name}: the {split} text is empty; add text")
-    return first_n(train, args.max_train_samples), first_n(validation, args.max_eval_samples)
-
-
-def load_text_stream(args, keep_linebreaks):
-    """--streaming: the training lines as they are read (a datasets IterableDataset), for text larger than the disk,
-    and the first --max_eval_samples validation lines (10,000 unless given), which evaluation reads into memory."""
-    if args.max_train_steps is None:
-        raise UserError("--streaming needs --max_train_steps: a stream's length is not known before it ends")
-    text = {"split": "train", "streaming": True, "keep_linebreaks": keep_linebreaks}
-    if args.train_file:
-        train = datasets.load_dataset("text", data_files=input_files(args.train_file, "--train_file", TEXTS), **text)
-        validation = None
-        if args.validation_file:
-            files = input_files(args.validation_file, "--validation_file", TEXTS)
-            validation = datasets.load_dataset("text", data_files=files, **text)
-    else:
-        train, validation = load_hub_dataset(args.dataset_name, args.dataset_config_name, streaming=True)
-    if validation is None:  # a percentage of a stream of unknown length cannot be held out
-        raise UserError(
-            "--streaming cannot hold out --validation_split_percentage of a stream: pass --validation_file, or a data "
-            "set with a validation split"
-        )
-    if args.max_train_samples:
-        train = train.take(args.max_train_samples)
-    if not args.max_eval_samples:
-        print(
-            "note: --streaming evaluates on the first 10,000 validation lines; --max_eval_samples sets another number"
-        )
-    return train, validation.take(args.max_eval_samples or 10_000)
-
-
-def load_test_text(args, keep_linebreaks=True):
-    """--test_file's lines (held-out text, scored with best/ after training), or None without it."""
-    if not args.test_file:
-        return None
-    files = input_files(args.test_file, "--test_file", TEXTS)
-    return datasets.load_dataset("text", data_files=files, split="train", keep_linebreaks=keep_linebreaks)
-
-
-def has_text(data):
-    """Whether any line holds more than white space; read a batch at a time (never the whole text at once)."""
-    for batch in data.iter(batch_size=10_000):
-        for line in batch["text"]:
-            if line.strip():
-                return True
-    return False
-
-
-def first_n(data, count):
-    """The first `count` rows of a data set (--max_train_samples, --max_eval_samples), or all."""
-    return data.select(range(min(count, len(data)))) if count else data
-
-
-def preprocessing_workers(args):
-    """--preprocessing_num_workers, else every core this process may use."""
-    if args.preprocessing_num_workers:
-        return args.preprocessing_num_workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-class TokenFile:
-    """Every token of a text, one line after the other, in one flat file (uint16 where the vocabulary fits, else
-    uint32), as nanoGPT's prepare.py writes a corpus: training reads slices of it through np.memmap, so memory stays
-    flat however large the text, and a re-run of the same command finds it and starts at once. <name>.json, written
-    last, records its size: a file without it, or of another size, was cut short (a kill while writing) and is made
-    again. <name>.lines holds where each line starts, for samples that are lines."""
-
-    def __init__(self, path):
-        self.path, self.meta_path, self.lines_path = Path(path), Path(f"{path}.json"), Path(f"{path}.lines")
-        self.meta, self._tokens, self._starts = None, None, None
-
-    def whole(self):
-        try:
-            meta = json.loads(self.meta_path.read_text())
-            whole = self.path.stat().st_size == meta["tokens"] * np.dtype(meta["dtype"]).itemsize
-            whole = whole and self.lines_path.stat().st_size == 8 * (meta["lines"] + 1)
-        except (OSError, ValueError, KeyError):
-            return False
-        self.meta = meta
-        return whole
-
-    def tokens(self):
-        """All the tokens, as an array on disk (np.memmap): slicing it reads only that slice."""
-        if self._tokens is None:  # opened in each process that reads it: a DataLoader worker too
-            self._tokens = np.memmap(self.path, dtype=self.meta["dtype"], mode="r", shape=(self.meta["tokens"],))
-        return self._tokens
-
-    def line_starts(self):
-        """Where each line's tokens start, and where the last one ends."""
-        if self._starts is None:
-            self._starts = np.memmap(self.lines_path, dtype=np.int64, mode="r", shape=(self.meta["lines"] + 1,))
-        return self._starts
-
-    def __getstate__(self):  # a DataLoader worker opens the files itself, rather than copying their contents
-        return {**self.__dict__, "_tokens": None, "_starts": None}
-
-    def write(self, encoded, vocabulary_size):
-        """Write the `input_ids` of a mapped data set, in order, a batch at a time; then the record."""
-        dtype = np.uint16 if vocabulary_size <= 2**16 else np.uint32
-        lengths = encoded.select_columns(["length"]).with_format("numpy")
-        total = sum(int(batch["length"].sum()) for batch in lengths.iter(batch_size=100_000))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for old in self.path.parent.glob(f".tmp-*-{self.path.name}*"):  # left by a run killed while it wrote
-            writer = old.name.split("-")[1]
-            if writer == str(os.getpid()) or not process_exists(writer):
-                old.unlink()
-        tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")  # machines sharing a cache may race
-        tokens = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(total, 1),))
-        starts = np.memmap(f"{tmp}.lines", dtype=np.int64, mode="w+", shape=(len(encoded) + 1,))
-        position, line = 0, 0
-        for batch in encoded.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=10_000):
-            column = batch.column("input_ids").combine_chunks()  # a list per line; flatten(): one array, no copy
-            values = column.flatten().to_numpy()
-            tokens[position : position + len(values)] = values
-            lengths = np.diff(column.offsets.to_numpy())
-            starts[line + 1 : line + 1 + len(lengths)] = position + np.cumsum(lengths)
-            position, line = position + len(values), line + len(lengths)
-        for array in (tokens, starts):
-            array.flush()
-        del tokens, starts
-        if total == 0:
-            os.truncate(tmp, 0)
-        os.replace(f"{tmp}.lines", self.lines_path)
-        os.replace(tmp, self.path)
-        write_json(self.meta_path, {"tokens": total, "lines": len(encoded), "dtype": np.dtype(dtype).name})
-        self.whole()
-
-
-def tokenize_to_file(texts, tokenize, tokenizer, args, what, recipe):
-    """The TokenFile of `texts` (a `text` column): `tokenize(list of lines)` -> the token ids of each line (fewer
-    lists to drop lines). Made once, on --preprocessing_num_workers processes, and found again by what determines
-    its content: the text (the data set's fingerprint, which changes with the files), the tokenizer and the
-    `recipe`. It lives beside the datasets cache (HF_DATASETS_CACHE), which each machine has its own of."""
-    key = [texts._fingerprint, tokenizer_fingerprint(tokenizer), recipe]
-    name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
-    token_file = TokenFile(Path(datasets.config.HF_DATASETS_CACHE) / "lm-tokens" / f"{name}.bin")
-    if token_file.whole():
-        print(f"Tokens of the {what} text: {token_file.meta['tokens']:,}, from {token_file.path}")
-        return token_file
-
-    def encode(batch):
-        ids = tokenize(batch["text"])
-        return {"input_ids": ids, "length": [len(line) for line in ids]}
-
-    started, workers = time.perf_counter(), min(preprocessing_workers(args), max(1, len(texts)))
-    text_bytes = texts.data.nbytes  # the text as Arrow holds it, about its size in UTF-8
-    # The fast tokenizer's own threads and forked worker processes do not mix: with workers, each one thread.
-    threads = os.environ.get("TOKENIZERS_PARALLELISM")
-    if workers > 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        encoded = texts.map(
-            encode, batched=True, num_proc=workers if workers > 1 else None, remove_columns=texts.column_names,
-            desc=f"Tokenizing the {what} text ({workers} process{'es' if workers > 1 else ''})",
-        )  # fmt: skip
-    finally:
-        os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        if threads is not None:
-            os.environ["TOKENIZERS_PARALLELISM"] = threads
-    token_file.write(encoded, len(tokenizer))
-    for cache in encoded.cache_files:  # the token file has it all now: free the disk
-        with contextlib.suppress(OSError):
-            os.remove(cache["filename"])
-    seconds = time.perf_counter() - started
-    print(
-        f"Tokenized the {what} text: {token_file.meta['tokens']:,} tokens from {text_bytes / 1e6:,.1f} MB in "
-        f"{seconds:.1f} s ({text_bytes / 1e6 / seconds:.2f} MB/s, {workers} worker(s)); saved in {token_file.path}"
-    )
-    return token_file
-
-
-def tokenizer_fingerprint(tokenizer):
-    """What makes a tokenizer's ids: its class and its vocabulary, merges and rules (tokenizer.json)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    rules = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{type(tokenizer).__name__}{rules}".encode()).hexdigest()
-
-
-class TokenSamples(torch.utils.data.Dataset):
-    """Training samples read from a TokenFile: blocks of exactly `block_size` tokens cut from the one stream (only the
-    final partial block is left out: no padding, every position a prediction), or each line as it was tokenized
-    (block_size None). `special_ids`: also give the attention mask and which tokens are special (never masked)."""
-
-    def __init__(self, token_file, block_size=None, special_ids=None):
-        self.token_file, self.block_size = token_file, block_size
-        self.special_ids = None if special_ids is None else np.array(sorted(special_ids))
-
-    def __len__(self):
-        if self.block_size:
-            return self.token_file.meta["tokens"] // self.block_size
-        return self.token_file.meta["lines"]
-
-    def __getitem__(self, index):
-        if self.block_size:
-            start, end = index * self.block_size, (index + 1) * self.block_size
-        else:
-            start, end = self.token_file.line_starts()[index : index + 2]
-        ids = self.token_file.tokens()[start:end].astype(np.int64)
-        sample = {"input_ids": torch.from_numpy(ids)}
-        if self.special_ids is not None:
-            sample["attention_mask"] = torch.ones_like(sample["input_ids"])
-            sample["special_tokens_mask"] = torch.from_numpy(np.isin(ids, self.special_ids).astype(np.int64))
-        return sample
-
-
-def global_batch_size(args, accelerator):
-    """Examples per optimizer step: per device x processes x accumulated micro-batches."""
-    return args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """The training order. Each epoch's shuffle depends only on (seed, epoch): a resumed run sees the same batches. It
-    is padded with the epoch's first samples to a whole number of global batches, so every optimizer step sees one
-    full global batch, split any way over processes and accumulation: a run may resume on another split of the same
-    global batch and end at the same weights. (Without it, 2 processes would pad the last batch with repeated samples
-    while 1 process accumulating 2 would average a half batch.) Its own generator, never the global random state that
-    dropout uses and checkpoints restore."""
-
-    def __init__(self, num_samples, global_batch, seed):
-        self.num_samples, self.global_batch, self.seed, self.epoch = num_samples, global_batch, seed, 0
-
-    def set_epoch(self, epoch):  # called through the prepared dataloader's set_epoch
-        self.epoch = epoch
-
-    def shuffle(self, generator):
-        """This epoch's order of the samples (a subclass may group them)."""
-        return torch.randperm(self.num_samples, generator=generator)
-
-    def __iter__(self):
-        order = torch.as_tensor(self.shuffle(torch.Generator().manual_seed(self.seed + self.epoch)))
-        padding = order[torch.arange(len(self) - len(order)) % len(order)]
-        for part in torch.cat([order, padding]).split(65_536):  # Python ints a slice at a time: constant memory
-            yield from part.tolist()
-
-    def __len__(self):
-        return math.ceil(self.num_samples / self.global_batch) * self.global_batch
-
-
-class StreamedBlocks(torch.utils.data.IterableDataset):
-    """Training samples from a stream of lines (--streaming): the lines tokenized 1,000 at a time and packed into one
-    stream of blocks of `block_size` tokens, as from a token file (or each line, block_size None), `special_ids` as in
-    TokenSamples. It notes where in the stream each block it gives ends, so a checkpoint records the place of the
-    blocks training has used (position_after), not of those the DataLoader already fetched ahead, and a run resumed
-    there (start_at) goes on with the very next block. The stream is read in order: a shuffle buffer could not be
-    restored exactly."""
-
-    def __init__(self, lines, tokenize, block_size=None, special_ids=None):
-        self.lines, self.tokenize, self.block_size = lines, tokenize, block_size
-        self.special_ids = None if special_ids is None else np.array(sorted(special_ids))
-        self.start, self.positions = None, collections.deque(maxlen=10_000)  # (blocks given, where they end)
-
-    def start_at(self, position):
-        self.start = position  # None: the stream's beginning
-
-    def position_after(self, blocks):
-        """Where the stream stands once `blocks` of its blocks (counted from the start of this pass) are used: the
-        batch of lines that holds the next block's first token, the line in it, and the token in that line."""
-        for given, position in self.positions:
-            if given == blocks:
-                return position
-        return self.start  # none given yet in this run: where it started
-
-    def __iter__(self):
-        start, self.start = self.start or {"given": 0, "source": None, "line": 0, "token": 0}, None
-        if start["source"] is not None:
-            self.lines.load_state_dict(start["source"])
-        given, buffer, source, resuming = start["given"], [], start["source"], True
-        lines = iter(self.lines)
-        while True:
-            batch = [row["text"] for row in itertools.islice(lines, 1000)]
-            if not batch:
-                return
-            for number, ids in enumerate(self.tokenize(batch)):
-                offset = 0  # where in the line its tokens start: a resumed run may have used the first ones
-                if resuming and number < start["line"]:  # lines a resumed run has used already
-                    continue
-                if resuming and number == start["line"]:
-                    offset = start["token"]
-                resuming = False
-                for piece, rest in self.cut(buffer, ids[offset:]):
-                    given += 1
-                    # After this block: this batch of lines, the line (or the next one), the token the rest begins at.
-                    line, token = (number, len(ids) - rest) if rest else (number + 1, 0)
-                    self.positions.append((given, {"given": given, "source": source, "line": line, "token": token}))
-                    yield self.sample(piece)
-            source, resuming = copy.deepcopy(self.lines.state_dict()), False  # where the next batch starts
-
-    def cut(self, buffer, ids):
-        """The blocks that `ids` completes, each with how many tokens of the stream are left after it (they stay in
-        `buffer`, for the next block); a line as it is without block_size."""
-        if self.block_size is None:
-            return [(ids, 0)]
-        buffer.extend(ids)
-        blocks, start = [], 0
-        while len(buffer) - start >= self.block_size:
-            blocks.append((buffer[start : start + self.block_size], len(buffer) - start - self.block_size))
-            start += self.block_size
-        del buffer[:start]
-        return blocks
-
-    def sample(self, ids):
-        ids = np.array(ids, dtype=np.int64)
-        sample = {"input_ids": torch.from_numpy(ids)}
-        if self.special_ids is not None:
-            sample["attention_mask"] = torch.ones_like(sample["input_ids"])
-            sample["special_tokens_mask"] = torch.from_numpy(np.isin(ids, self.special_ids).astype(np.int64))
-        return sample
-
-
-def make_dataloaders(args, accelerator, train_data, eval_data, collate_fn, sampler=None, eval_collator=None):
-    """The training DataLoader, in an EpochSampler's order (or `sampler`'s), and the evaluation one. On a GPU, worker
-    processes build the next batches while it computes, into pinned memory it copies from faster."""
-    on_gpu = accelerator.device.type == "cuda"
-    workers = 2 if on_gpu else 0
-    if args.dataloader_num_workers is not None:
-        workers = args.dataloader_num_workers
-    options = dict(collate_fn=collate_fn, num_workers=workers, persistent_workers=workers > 0, pin_memory=on_gpu)
-    # A generator of their own: without one, each new pass over a DataLoader draws a seed from the global random state,
-    # which dropout uses and checkpoints restore, so a resumed run (one pass more) would drop other units.
-    if isinstance(train_data, torch.utils.data.IterableDataset):  # a stream: it keeps its place in this process
-        train = DataLoader(
-            train_data,
-            args.per_device_train_batch_size,
-            collate_fn=collate_fn,
-            pin_memory=on_gpu,
-            generator=torch.Generator(),
-        )
-    else:
-        sampler = sampler or EpochSampler(len(train_data), global_batch_size(args, accelerator), args.seed)
-        train = DataLoader(
-            train_data, args.per_device_train_batch_size, sampler=sampler, generator=torch.Generator(), **options
-        )
-    return train, make_eval_dataloader(args, accelerator, eval_data, eval_collator or collate_fn)
-
-
-def make_eval_dataloader(args, accelerator, data, collate_fn):
-    """A DataLoader for evaluation: in order, --per_device_eval_batch_size samples a batch."""
-    on_gpu = accelerator.device.type == "cuda"
-    workers = 2 if on_gpu else 0
-    if args.dataloader_num_workers is not None:
-        workers = args.dataloader_num_workers
-    options = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=on_gpu)
-    return DataLoader(
-        data, args.per_device_eval_batch_size, collate_fn=collate_fn, generator=torch.Generator(), **options
-    )
-
-
-# ---- Device, precision, processes; optimizer and schedule.
-def setup(args, script_name):
-    """Check the flags, settle where the outputs go (args.output_dir: Drive in Colab; args.hub_model_id with
-    --push_to_hub), start the Accelerator (device, precision, processes), lock the folder, seed, start trackers."""
-    check_args(args)
-    args.output_dir = str(resolve_output_dir(args, script_name))
-    if torch.cuda.is_available():
-        # TF32 matmuls: ~free speed on Ampere and newer, precision loss irrelevant for training (cuDNN has it already).
-        torch.backends.cuda.matmul.allow_tf32 = True
-    # Accelerate keeps process-wide state that the first Accelerator fixes: a second run in one Python process (a
-    # notebook calling main() twice) would keep the first run's precision and compilation. Clear it, not the processes.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=choose_mixed_precision(args.mixed_precision),
-        # torch.compile at prepare(): fuses kernels; the first steps are slow while it compiles.
-        dynamo_backend="inductor" if args.torch_compile else "no",
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=args.output_dir,
-        # One scheduler step per optimizer step; Accelerate's default (one per process) would miscount warmup and decay.
-        step_scheduler_with_optimizer=False,
-        # --streaming: each process reads the stream and keeps its share of each batch (its place in the stream is
-        # then known in every process, and batches stay where the script wants them: on the CPU for masking).
-        dataloader_config=DataLoaderConfiguration(
-            dispatch_batches=False if args.streaming else None,
-            # A GPU's batches come from pinned memory: copy them without making the CPU wait for the copy.
-            non_blocking=torch.cuda.is_available(),
-        ),
-    )
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and accelerator.num_processes == 1:  # torchrun without GPUs: each would train alone
-        raise UserError(
-            f"{world_size} processes were launched but each runs alone; on CPU set "
-            "ACCELERATE_USE_CPU=1 (or use `accelerate launch --cpu`)"
-        )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        configure_deepspeed(accelerator, args)
-    if args.push_to_hub:  # before any data or model is loaded: an upload that cannot happen stops the run now
-        problem_or_repo = [hub_repository(args) if accelerator.is_main_process else None]
-        problem, args.hub_model_id = broadcast_object_list(problem_or_repo)[0]
-        if problem:
-            raise UserError(problem)
-    lock_output_dir(accelerator, args.output_dir)
-    set_seed(args.seed)
-    if args.report_to != "none":  # the settings, without a secret
-        accelerator.init_trackers(script_name, config={k: v for k, v in vars(args).items() if k != "hub_token"})
-    return accelerator
-
-
-def hub_repository(args):
-    """--push_to_hub: (a problem, or None; the repository). The Hub must answer, the token be valid, and the
-    repository be made (or exist) with it, which it may only if it may write there: as Hugging Face's example
-    scripts, it is made now, not after hours of training."""
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return (
-            "--push_to_hub: HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it, or drop --push_to_hub",
-            None,
-        )
-    api = huggingface_hub.HfApi(token=args.hub_token)
-    try:
-        repo = args.hub_model_id or f"{api.whoami()['name']}/{Path(args.output_dir).name}"
-        api.create_repo(repo, private=args.hub_private_repo, exist_ok=True)
-    except huggingface_hub.errors.HfHubHTTPError as err:
-        why = "the token may not write there" if err.response is not None and err.response.status_code == 403 else ""
-        return f"--push_to_hub: the Hub refused ({first_line(err)}){'; ' + why if why else ''}; pass --hub_token " \
-            "with write access (or `hf auth login`), or another --hub_model_id", None  # fmt: skip
-    except Exception as err:  # no network, no token saved
-        return f"--push_to_hub: cannot reach the Hub or log in ({first_line(err)}); check the network and " \
-            "`hf auth login`, or drop --push_to_hub", None  # fmt: skip
-    return None, repo
-
-
-def push_to_hub(args, folder, step):
-    """Upload best/ and its card: one call to huggingface_hub. A failure leaves the local model as it is, and the
-    same command, run again after the training finished, tries only the upload again."""
-    try:
-        huggingface_hub.HfApi(token=args.hub_token).upload_folder(
-            repo_id=args.hub_model_id, folder_path=folder, commit_message=f"best/ at step {step}"
-        )
-    except Exception as err:  # the network, the Hub, the quota: the model is safe on disk
-        raise UserError(
-            f"--push_to_hub: uploading {folder} to {args.hub_model_id} failed ({first_line(err)}); it is safe on "
-            "disk: run the same command again to retry the upload"
-        ) from None
-    print(f"Uploaded {folder} to https://huggingface.co/{args.hub_model_id}")
-
-
-def choose_mixed_precision(requested):
-    """--mixed_precision, else what `accelerate launch --mixed_precision` set, else (auto) the best for this device."""
-    if requested != "auto":
-        return requested
-    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
-        return os.environ["ACCELERATE_MIXED_PRECISION"]
-    if is_torch_xla_available(check_is_tpu=True):  # Accelerate's TPU launcher sets no precision: bf16 is the TPU's own
-        return auto_mixed_precision("xla")
-    if torch.cuda.is_available():
-        return auto_mixed_precision("cuda", torch.cuda.get_device_capability())
-    return auto_mixed_precision("cpu")
-
-
-def auto_mixed_precision(device_type, capability=None):
-    """bf16 on TPUs and on GPUs of compute capability 8.0 or more (A100, L4, H100), which compute in it natively. fp16
-    with loss scaling on older GPUs (Colab's T4 is 7.5, a V100 7.0): they have no bf16 units, and
-    torch.cuda.is_bf16_supported() says yes there only because it counts slow emulation. None on a CPU."""
-    if device_type == "xla":
-        return "bf16"
-    if device_type == "cuda":
-        return "bf16" if tuple(capability) >= (8, 0) else "fp16"
-    return "no"
-
-
-def configure_deepspeed(accelerator, args):
-    """DeepSpeed clips gradients and counts batches itself, from its config, where Accelerate fills "auto" with a
-    clipping of 1.0 and a batch taken from the smaller of the dataloaders: fill them from the flags instead."""
-    plugin = accelerator.state.deepspeed_plugin
-    wanted = {
-        "gradient_clipping": args.max_grad_norm,  # 0: no clipping, as in the other engines
-        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
-        "train_batch_size": global_batch_size(args, accelerator),
-    }
-    for key, value in wanted.items():
-        if plugin.is_auto(key) or key not in plugin.deepspeed_config:
-            plugin.deepspeed_config[key] = value
-        elif plugin.deepspeed_config[key] != value:
-            raise UserError(
-                f"the DeepSpeed config sets {key} to {plugin.deepspeed_config[key]}, the flags make it {value}; "
-                f'set it to "auto" in the config to take the flags\' value'
-            )
-
-
 def lock_output_dir(accelerator, output_dir):
-    """The main process of the whole job takes the folder's lock. Then every process looks for that lock: each writes
-    its random state (and its shards) into --output_dir, so every machine must see the same folder, or a resumed run
-    would find some processes' files missing. Every process stops, with one message, if either fails."""
+    """The main process of the whole job takes the folder's lock. Then every process looks for
+    that lock: each writes its random state (and its shards) into --output_dir, so every machine
+    must see the same folder, or a resumed run would find some processes' files missing. Every
+    process stops, with one message, if either fails."""
     problem = None
     if accelerator.is_main_process:
         try:
@@ -928,8 +1323,9 @@ def lock_output_dir(accelerator, output_dir):
 
 
 def sees_lock(path, holder, wait=30.0):
-    """Whether the lock file at `path` is `holder`'s. A network file system may show it some seconds late, so a folder
-    that exists is looked at again for `wait` seconds; one that does not exist here is no shared folder."""
+    """Whether the lock file at `path` is `holder`'s. A network file system may show it some
+    seconds late, so a folder that exists is looked at again for `wait` seconds; one that does
+    not exist here is no shared folder."""
     deadline = time.monotonic() + wait
     while path.parent.is_dir():
         with contextlib.suppress(OSError, ValueError):
@@ -941,103 +1337,55 @@ def sees_lock(path, holder, wait=30.0):
     return False
 
 
-def make_optimizer(model, args, device):
-    """AdamW without weight decay on biases and normalization weights (the 1-D tensors);
-    fused on a GPU: one kernel for all parameters instead of one per tensor."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if len(full_shape(p)) >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if len(full_shape(p)) < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
+# ---- Stop signals and checkpoints: what a run has done, saved atomically, resumed exactly.
+class StopSignals:
+    """SIGTERM (a scheduler's preemption, Colab's stop button) and SIGINT (Ctrl-C) are only
+    noted: the run saves at its next optimizer step, then exits; a second one acts at once. run()
+    gives back what the signals did before."""
+
+    received = None
+    previous = {}
+
+    @classmethod
+    def catch(cls):
+        cls.received = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            cls.previous.setdefault(sig, signal.getsignal(sig))
+            signal.signal(sig, cls.note)
+
+    @classmethod
+    def note(cls, signum, frame):
+        cls.received = signum
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+
+    @classmethod
+    def restore(cls):
+        while cls.previous:
+            sig, handler = cls.previous.popitem()
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def set_fsdp_units(accelerator, model):
-    """Under FSDP, the modules it shards as units (gathering each one's weights only while it computes): the model's
-    transformer layers. Accelerate's default, the model's _no_split_modules, also names BERT's and RoBERTa's embedding
-    modules, whose word embeddings Accelerate then shards a second time, and FSDP2 fails. A unit list from the
-    accelerate config (fsdp_transformer_layer_cls_to_wrap) is kept."""
-    if (
-        accelerator.distributed_type != DistributedType.FSDP
-        or accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap
-    ):
-        return
-    word_embeddings = model.get_input_embeddings()
-    units = [name for name in model._no_split_modules or [] if not holds(model, name, word_embeddings)]
-    accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = units or None
-
-
-def holds(model, class_name, part):
-    """Whether the modules of class `class_name` in `model` hold the module `part`."""
-    return any(type(m).__name__ == class_name and any(inner is part for inner in m.modules()) for m in model.modules())
-
-
-def full_shape(param):
-    """A weight's shape. DeepSpeed ZeRO-3 splits weights over the processes as the model loads: each then holds an
-    empty tensor here, and its whole shape is in `ds_shape`."""
-    return getattr(param, "ds_shape", param.shape)
-
-
-def make_scheduler(accelerator, optimizer, args, train_dataloader):
-    """The learning-rate schedule, counted in optimizer steps. Made before `prepare`, which must see it with the model
-    and the optimizer (DeepSpeed drives it from its engine then, and checkpoints hold it), so the training batches per
-    process are counted here: the EpochSampler makes them divide exactly."""
-    total_steps = training_steps(batches_per_process(train_dataloader, accelerator.num_processes), args)[1]
-    return get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
-
-
-def batches_per_process(dataloader, num_processes=1):
-    """Batches an epoch gives each process: a dataloader before `prepare` gives them all (num_processes splits
-    them); a stream (--streaming) has no length (None)."""
-    if isinstance(dataloader.dataset, torch.utils.data.IterableDataset):
-        return None
-    return len(dataloader) // num_processes
-
-
-def training_steps(batches_per_epoch, args):
-    """Optimizer steps per epoch, in total, and the number of epochs that takes. `batches_per_epoch` is per process (the
-    prepared dataloader's length); a partial accumulation at the end of an epoch still makes an optimizer step. A
-    stream (None) is one epoch of --max_train_steps, unless it ends first."""
-    if batches_per_epoch is None:
-        return args.max_train_steps, args.max_train_steps, 1
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
-
-
-# ---- Checkpoints: what a run has done, saved atomically, resumed exactly.
-@dataclass
-class TrainingState:
-    """Where training stands, saved in every checkpoint (never guessed from folder names)."""
-
-    epoch: int = 0  # epochs completed
-    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on (per process)
-    completed_steps: int = 0  # optimizer steps, over all epochs
-    best_metric: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    stopped_early: bool = False
-    log_history: list = field(default_factory=list)
-    stream_position: dict | None = None  # --streaming: where in the stream the used blocks end (StreamedBlocks)
-    train_seconds: float = 0.0  # time spent in this run and the ones it resumed (for the model card)
-
-
-# Flags that may change when a run resumes: how long it trains, how it saves, logs and runs, not what it learns. Every
-# other flag must match the checkpoint's (a script adds its harmless ones, such as its demo's prompt).
+# Flags that may change when a run resumes: how long it trains, how it saves, logs and runs, not
+# what it learns. Every other flag must match the checkpoint's (a script adds its harmless ones,
+# such as its demo's prompt).
 MAY_CHANGE_ON_RESUME = """num_train_epochs max_train_steps early_stopping_patience output_dir drive
     checkpointing_steps save_every_minutes keep_last resume_from_checkpoint no_resume logging_steps
     report_to per_device_eval_batch_size dataloader_num_workers mixed_precision torch_compile
     preprocessing_num_workers eval_only test_file auto_find_batch_size push_to_hub hub_model_id hub_token
     hub_private_repo""".split()
+
+
 # These three may change together when their product, the global batch, stays the same.
 BATCH_GEOMETRY = ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps")
 
 
 class Checkpointer:
-    """<output_dir>/checkpoints/step_N: folders that `accelerator.save_state` writes (the model as safetensors,
-    optimizer, scheduler, gradient scaler and sampler states, random_states_<process>.pkl for each process; under FSDP
-    or DeepSpeed, sub-folders of shards) plus training_state.json: the progress, the settings and every file's size.
-    Written under a temporary name, renamed when whole: a crash mid-save never leaves a newest one that cannot load."""
+    """<output_dir>/checkpoints/step_N: folders that `accelerator.save_state` writes (the model
+    as safetensors, optimizer, scheduler, gradient scaler and sampler states,
+    random_states_<process>.pkl for each process; under FSDP or DeepSpeed, sub-folders of shards)
+    plus training_state.json: the progress, the settings and every file's size. Written under a
+    temporary name, renamed when whole: a crash mid-save never leaves a newest one that cannot
+    load."""
 
     def __init__(self, accelerator, output_dir, args, settings, may_change=()):
         self.accelerator, self.args = accelerator, args
@@ -1056,8 +1404,9 @@ class Checkpointer:
                 delete_tree(self.dir)
             acc.wait_for_everyone()
             return TrainingState()
-        # The main process chooses, and every process loads the same checkpoint: ranks that resumed from different
-        # steps would train apart (DDP) or wait for each other forever (FSDP, DeepSpeed).
+        # The main process chooses, and every process loads the same checkpoint: ranks that resumed
+        # from different steps would train apart (DDP) or wait for each other forever (FSDP,
+        # DeepSpeed).
         candidates = []
         if acc.is_main_process:
             recover_swaps(self.dir)
@@ -1080,7 +1429,8 @@ class Checkpointer:
                 continue
             state = TrainingState(**meta["state"])
             if saved["gradient_accumulation_steps"] != args.gradient_accumulation_steps:
-                # The same global batch split otherwise: the same optimizer steps of this epoch are done.
+                # The same global batch split otherwise: the same optimizer steps of this epoch are
+                # done.
                 steps_done = math.ceil(state.batch_in_epoch / saved["gradient_accumulation_steps"])
                 state.batch_in_epoch = steps_done * args.gradient_accumulation_steps
             acc.step = state.batch_in_epoch  # Accelerate counts micro-batches to know when to step
@@ -1122,6 +1472,7 @@ class Checkpointer:
         if acc.is_main_process:
             swap_in(tmp, self.dir / name)  # the same step saved again (at an epoch's end) replaces itself
             old = [path for _, path in whole_checkpoints(self.dir)[: -self.args.keep_last]]
+            # .tmp/.old folders: saves killed midway (recover_swaps put back any that was needed).
             killed = [path for path in self.dir.iterdir() if path.name.startswith((".tmp", ".old"))]
             for path in old + killed:
                 delete_tree(path)
@@ -1134,8 +1485,8 @@ class Checkpointer:
 
 
 def whole_checkpoints(folder, warn=None):
-    """(metadata, path) of each whole checkpoint in `folder`, oldest first; `warn` hears of
-    the damaged ones (a save killed halfway leaves files of the wrong size)."""
+    """(metadata, path) of each whole checkpoint in `folder`, oldest first; `warn` hears of the
+    damaged ones (a save killed halfway leaves files of the wrong size)."""
     found = []
     for path in folder.iterdir() if folder.is_dir() else []:
         if not path.is_dir() or path.name.startswith((".tmp", ".old")):
@@ -1154,10 +1505,11 @@ def whole_checkpoints(folder, warn=None):
 
 
 def try_to_load(accelerator, path, same_processes=True):
-    """Load a checkpoint into the prepared objects; None, or why it could not be loaded (on this process).
-    accelerator.load_state unpickles only tensors and plain data (torch's weights_only), so a planted pickle cannot
-    run code. It quietly skips random states it cannot load; exact resume needs them, so they are checked first (on
-    another number of processes, a process without a file of its own keeps its seed)."""
+    """Load a checkpoint into the prepared objects; None, or why it could not be loaded (on this
+    process). accelerator.load_state unpickles only tensors and plain data (torch's
+    weights_only), so a planted pickle cannot run code. It quietly skips random states it cannot
+    load; exact resume needs them, so they are checked first (on another number of processes, a
+    process without a file of its own keeps its seed)."""
     rng_file = path / f"random_states_{accelerator.process_index}.pkl"
     try:
         if same_processes or rng_file.exists():
@@ -1173,21 +1525,24 @@ def try_to_load(accelerator, path, same_processes=True):
 
 
 def check_settings(accelerator, saved, current, path):
-    """Refuse a checkpoint made with settings that change what is learned. The batch may be split otherwise (processes x
-    per-device batch x accumulation) if its global size stays: each optimizer step then sees the same examples."""
-    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
-    other = [c for c in changed if c.split(":")[0] not in BATCH_GEOMETRY]
-    if other:
+    """Refuse a checkpoint made with settings that change what is learned. The batch may be split
+    otherwise (processes x per-device batch x accumulation) if its global size stays: each
+    optimizer step then sees the same examples."""
+    changed = [key for key, value in current.items() if key in saved and saved[key] != value]
+    what_changed = "; ".join(f"{key}: {saved[key]!r} -> {current[key]!r}" for key in changed)
+    if any(key not in BATCH_GEOMETRY for key in changed):
+        other = "; ".join(f"{key}: {saved[key]!r} -> {current[key]!r}" for key in changed if key not in BATCH_GEOMETRY)
         raise UserError(
-            f"the checkpoint in {path.parent} was made with other settings ({'; '.join(other)}); "
+            f"the checkpoint in {path.parent} was made with other settings ({other}); "
             "use the same settings to resume, or --no_resume / another --output_dir to start fresh"
         )
-    old, new = ([settings[k] for k in BATCH_GEOMETRY] for settings in (saved, current))
+    old = [saved[key] for key in BATCH_GEOMETRY]
+    new = [current[key] for key in BATCH_GEOMETRY]
     if old == new:
         return
     if math.prod(old) != math.prod(new):
         raise UserError(
-            f"the checkpoint in {path.parent} was made with another global batch ({'; '.join(changed)}: "
+            f"the checkpoint in {path.parent} was made with another global batch ({what_changed}: "
             f"{math.prod(old)} -> {math.prod(new)} examples per optimizer step); {batch_advice(math.prod(old), *new)} "
             f"(it was made on {old[0]} process(es)); or --no_resume / another --output_dir to start fresh"
         )
@@ -1218,39 +1573,13 @@ def batch_advice(global_batch, processes, per_device, accumulation):
     )
 
 
-class StopSignals:
-    """SIGTERM (a scheduler's preemption, Colab's stop button) and SIGINT (Ctrl-C) are only noted: the run saves at its
-    next optimizer step, then exits; a second one acts at once. run() gives back what the signals did before."""
-
-    received = None
-    previous = {}
-
-    @classmethod
-    def catch(cls):
-        cls.received = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            cls.previous.setdefault(sig, signal.getsignal(sig))
-            signal.signal(sig, cls.note)
-
-    @classmethod
-    def note(cls, signum, frame):
-        cls.received = signum
-        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
-
-    @classmethod
-    def restore(cls):
-        while cls.previous:
-            sig, handler = cls.previous.popitem()
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
 def write_json(path, obj):
     Path(path).write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def delete_tree(path):
-    """Delete a folder. Files are emptied first: Google Drive keeps deleted files in its
-    trash for 30 days and counts them against the quota, but an empty file costs nothing."""
+    """Delete a folder. Files are emptied first: Google Drive keeps deleted files in its trash
+    for 30 days and counts them against the quota, but an empty file costs nothing."""
     for f in Path(path).rglob("*"):
         if f.is_file():
             with contextlib.suppress(OSError):
@@ -1259,8 +1588,8 @@ def delete_tree(path):
 
 
 def swap_in(tmp, final):
-    """Move a finished folder into place; the old one goes only once the new one is there. A crash between the two
-    renames leaves only .old-<name>, which recover_swaps puts back."""
+    """Move a finished folder into place; the old one goes only once the new one is there. A
+    crash between the two renames leaves only .old-<name>, which recover_swaps puts back."""
     old = final.with_name(f".old-{final.name}")
     if final.exists():
         final.rename(old)
@@ -1270,7 +1599,8 @@ def swap_in(tmp, final):
 
 
 def recover_swaps(folder):
-    """Put back each .old-<name> folder whose <name> is missing: a crash came between swap_in's two renames."""
+    """Put back each .old-<name> folder whose <name> is missing: a crash came between swap_in's
+    two renames."""
     for old in Path(folder).glob(".old-*") if Path(folder).is_dir() else []:
         final = old.with_name(old.name.removeprefix(".old-"))
         if not final.exists():
@@ -1286,10 +1616,11 @@ def fsync_folder(folder):
         os.close(descriptor)
 
 
+# ---- The export, its model card, the Hub.
 def export_model(accelerator, model, tokenizer, path, card=None):
-    """A model folder that `from_pretrained` and `pipeline` load, with its model card (README.md), swapped in
-    atomically. Every process takes part: under FSDP or DeepSpeed ZeRO-3 each holds a shard, and `get_state_dict`
-    gathers the full weights."""
+    """A model folder that `from_pretrained` and `pipeline` load, with its model card
+    (README.md), swapped in atomically. Every process takes part: under FSDP or DeepSpeed ZeRO-3
+    each holds a shard, and `get_state_dict` gathers the full weights."""
     try:
         state_dict = accelerator.get_state_dict(model)
     except ValueError as err:  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save
@@ -1298,7 +1629,8 @@ def export_model(accelerator, model, tokenizer, path, card=None):
             "stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config (as configs/deepspeed_zero3.yaml)"
         ) from None
     if accelerator.is_main_process:
-        # A compiled model (--torch_compile) names each weight "_orig_mod.<name>"; from_pretrained wants <name>.
+        # A compiled model (--torch_compile) names each weight "_orig_mod.<name>"; from_pretrained
+        # wants <name>.
         state_dict = {name.removeprefix("_orig_mod."): weight for name, weight in state_dict.items()}
         tmp = path.with_name(f".tmp-{path.name}")
         delete_tree(tmp)
@@ -1311,13 +1643,14 @@ def export_model(accelerator, model, tokenizer, path, card=None):
 
 
 def model_card(args, about, state, metrics, config, hardware):
-    """best/README.md, for people and for the Hub (whose metadata huggingface_hub's ModelCardData writes): what the
-    model does and what it started from, its data, its metrics and the step they were reached at, the command that
-    trains it again, the main settings, the hardware and the time, the evaluations so far, the loss curve.
-    `about`: the script's pipeline_tag and task; `metrics`: best/'s, as in eval_results.json."""
+    """best/README.md, for people and for the Hub (which reads the metadata that
+    huggingface_hub's ModelCardData writes), from the template model_card.md: what the model does
+    and what it started from, its data, its metrics and the step they were reached at, the
+    command that trains it again, the main settings, the hardware and the time, the evaluations
+    so far. `about`: the script's pipeline_tag and task; `metrics`: eval_results.json's."""
     scores = {key: value for key, value in metrics.items() if key != "step"}
     meta = card_metadata(args, about, scores)
-    name, base = Path(args.output_dir).name, args.model_name_or_path
+    base = args.model_name_or_path
     if base:
         origin = (
             f"fine-tuned from [{base}](https://huggingface.co/{base})" if meta.base_model else f"fine-tuned from {base}"
@@ -1326,37 +1659,29 @@ def model_card(args, about, state, metrics, config, hardware):
         sizes = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
         origin = f"trained from scratch ({type(config).__name__}: "
         origin += ", ".join(f"{size} {getattr(config, size)}" for size in sizes) + ")"
-    text = [f"# {name}", "", f"A model for {about['task']}, {origin}.", ""]
-    text += ["## Results", "", f"Evaluated at optimizer step {metrics.get('step')} of {state.completed_steps}:", ""]
-    text += ["| metric | value |", "|---|---|"] + [f"| {key} | {value:.4f} |" for key, value in scores.items()]
-    held_out = f"the last {args.validation_split_percentage}% of the training lines or rows"
-    text += ["", "## Data", "", f"Training: {data_name(args)}. Validation: {args.validation_file or held_out}.", ""]
-    text += ["## Training", "", "Trained (and resumed where it stopped) with:", "", "```bash", args.command, "```", ""]
-    text += ["| setting | value |", "|---|---|"]
-    global_batch = f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulated"
+    batch = f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulated"
     settings = {
         "learning rate": f"{args.learning_rate}, {args.lr_scheduler_type}, {args.num_warmup_steps} warmup steps",
         "weight decay, gradient clipping": f"{args.weight_decay}, {args.max_grad_norm}",
-        "batch": f"{global_batch} x {hardware['processes']} process(es)",
+        "batch": f"{batch} x {hardware['processes']} process(es)",
         "seed": args.seed,
         "hardware": f"{hardware['processes']} x {hardware['device']}, mixed precision {hardware['precision']}",
-        "training time": f"{state.train_seconds / 3600:.2f} hours",
+        "training time": f"{state.train_seconds / 60:.1f} minutes",
     }
-    text += [f"| {key} | {value} |" for key, value in settings.items()]
     evaluations = [entry for entry in state.log_history if "eval_loss" in entry]
-    if evaluations:
-        keys = [key for key in evaluations[-1] if key.startswith("eval_")]
-        text += ["", "## Evaluations", "", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for entry in evaluations:
-            text.append(f"| {entry['step']} | " + " | ".join(f"{entry[key]:.4f}" for key in keys) + " |")
-    if (Path(args.output_dir) / "best" / "loss.png").exists():
-        text += ["", "![The training loss and the evaluations](loss.png)"]
-    return huggingface_hub.ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(text) + "\n")
+    eval_keys = [key for key in evaluations[-1] if key.startswith("eval_")] if evaluations else []
+    held_out = f"the last {args.validation_split_percentage}% of the training lines or rows"
+    return huggingface_hub.ModelCard.from_template(
+        meta, template_path=str(Path(__file__).with_name("model_card.md")), name=Path(args.output_dir).name,
+        task=about["task"], origin=origin, step=metrics.get("step"), steps_done=state.completed_steps, scores=scores,
+        data=data_name(args), validation=args.validation_file or held_out, command=args.command, settings=settings,
+        evaluations=evaluations, eval_keys=eval_keys, loss_curve=(Path(args.output_dir) / "best" / "loss.png").exists(),
+    )  # fmt: skip
 
 
 def card_metadata(args, about, scores):
-    """The model card's metadata, which the Hub reads: library, pipeline, base model and data set (when they are on
-    the Hub), metrics and results (model-index)."""
+    """The model card's metadata, which the Hub reads: library, pipeline, base model and data set
+    (when they are on the Hub), metrics and results (model-index)."""
     base = args.model_name_or_path
     hub_data = None if args.train_file else args.dataset_name
     results = []
@@ -1381,267 +1706,49 @@ def data_name(args):
     return args.train_file or f"{args.dataset_name} ({args.dataset_config_name or 'default'})"
 
 
-class Run:
-    """Resumes from the newest checkpoint; then counts batches and optimizer steps, logs (Progress) and saves when due,
-    and at each epoch's end keeps the best model and checkpoints. `settings`, `may_change`: see Checkpointer; `stream`:
-    a StreamedBlocks (--streaming); `about`: the pipeline tag and the task, for the model card."""
-
-    def __init__(
-        self, accelerator, args, *, model, tokenizer, lr_scheduler, train_dataloader, flops_per_token, settings,
-        may_change=(), stream=None, about,
-    ):  # fmt: skip
-        self.accelerator, self.args = accelerator, args
-        self.model, self.tokenizer, self.stream, self.about = model, tokenizer, stream, about
-        self.output_dir = Path(args.output_dir)
-        self.best_dir = self.output_dir / "best"
-        self.metric = getattr(args, "metric_for_best_model", "loss")  # picks best/; lower is better for a loss
-        batches = batches_per_process(train_dataloader)
-        self.steps_per_epoch, self.total_steps, self.num_epochs = training_steps(batches, args)
-        self.checkpointer = Checkpointer(accelerator, self.output_dir, args, settings, may_change)
-        if accelerator.is_main_process:
-            recover_swaps(self.output_dir)  # best/, if a crash came while it was replaced
-        self.state = self.checkpointer.resume()
-        self.started, self.seconds_before = time.monotonic(), self.state.train_seconds
-        if stream is not None:  # --streaming: the stream goes on from the checkpoint's place in it
-            stream.start_at(self.state.stream_position)
-        StopSignals.catch()
-        self.progress = Progress(accelerator, self, lr_scheduler, flops_per_token)
-
-    def finished(self):
-        return self.state.completed_steps >= self.total_steps or self.state.stopped_early
-
-    def epochs(self):
-        """The epochs still to train, from where a resumed run stands (none if it is finished)."""
-        while not self.finished():
-            yield self.state.epoch
-
-    def batches(self, dataloader):
-        """This epoch's batches, without those a resumed run already trained on, up to the last step."""
-        done = self.state.batch_in_epoch
-        if done and self.stream is None:  # (a stream starts where the checkpoint says)
-            dataloader = self.accelerator.skip_first_batches(dataloader, done)
-        for batch in dataloader:
-            if self.state.completed_steps >= self.total_steps:
-                break
-            yield batch
-        else:  # no break: the epoch ran to its end
-            self.state.epoch, self.state.batch_in_epoch, self.state.stream_position = self.state.epoch + 1, 0, None
-            # Accelerate counts micro-batches towards the next optimizer step and starts again at a dataloader's end.
-            # A run resumed from a checkpoint saved at that end saw no batch: start again here too.
-            self.accelerator.step = 0
-        self.progress.throughput.pause()  # evaluating and saving are not training: out of tokens/s
-
-    def log_and_save(self, loss, num_tokens):
-        """After each batch: count it; after each optimizer step: log every --logging_steps, checkpoint when due."""
-        self.state.batch_in_epoch += 1
-        self.progress.add(loss, num_tokens)
-        if self.accelerator.sync_gradients:  # an optimizer step was taken (not just accumulated)
-            self.state.completed_steps += 1
-            self.progress.step()
-            if self.save_due():
-                if self.stream is not None:  # where the blocks used so far end (not those fetched ahead)
-                    used = (
-                        self.state.batch_in_epoch
-                        * self.args.per_device_train_batch_size
-                        * self.accelerator.num_processes
-                    )
-                    self.state.stream_position = self.stream.position_after(used)
-                self.progress.throughput.pause()
-                self.checkpointer.save(self.state)  # exits here if a signal asked for the save
-                self.progress.throughput.resume()
-
-    def end_epoch(self, metrics):
-        """At an epoch's end: log the evaluation, export the model if it is the best so far,
-        stop early after --early_stopping_patience evaluations without improvement, checkpoint."""
-        state, patience = self.state, self.args.early_stopping_patience
-        self.progress.log({f"eval_{k}": v for k, v in metrics.items()})
-        epochs = state.completed_steps / self.steps_per_epoch  # a fraction when --max_train_steps ends mid-epoch
-        self.accelerator.print(f"step {state.completed_steps} (epoch {epochs:.2f}): {format_metrics(metrics)}")
-        value, best = metrics[self.metric], state.best_metric
-        if best is None or (value < best if self.metric == "loss" else value > best):
-            state.best_metric, state.best_step, state.evals_without_improvement = value, state.completed_steps, 0
-            results = {"step": state.completed_steps, **metrics}
-            export_model(self.accelerator, self.model, self.tokenizer, self.best_dir, self.model_card(results))
-            if self.accelerator.is_main_process:
-                write_json(self.output_dir / "eval_results.json", results)
-        else:
-            state.evals_without_improvement += 1
-            if patience and state.evals_without_improvement >= patience:
-                self.accelerator.print(f"No improvement in {self.metric} for {patience} evaluations: stopping early.")
-                state.stopped_early = True
-        self.checkpointer.save(state)
-        self.progress.throughput.resume()
-
-    def model_card(self, results):
-        """best/'s model card, for `results` (eval_results.json's): see model_card."""
-        self.state.train_seconds = self.seconds_before + time.monotonic() - self.started
-        device = self.accelerator.device.type.upper()
-        if device == "CUDA":
-            device = torch.cuda.get_device_name(self.accelerator.device)
-        hardware = {"processes": self.accelerator.num_processes, "device": device}
-        hardware["precision"] = self.accelerator.mixed_precision
-        config = self.accelerator.unwrap_model(self.model).config
-        return model_card(self.args, self.about, self.state, results, config, hardware)
-
-    def save_due(self):
-        """Step saves are the same on every process; the clock and signals are not, so with several processes they are
-        compared (a collective: it waits for the devices) only at logging steps, which wait for them anyway."""
-        state, steps, minutes = self.state, self.args.checkpointing_steps, self.args.save_every_minutes
-        by_steps = bool(steps and state.completed_steps % steps == 0)
-        by_clock = bool(minutes and time.monotonic() - self.checkpointer.last_save_time >= 60 * minutes)
-        due = by_steps or by_clock or StopSignals.received is not None
-        if self.accelerator.num_processes == 1:
-            return due
-        if state.completed_steps % self.args.logging_steps:
-            return by_steps
-        flag = torch.tensor([float(due)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
-
-    def finish(self, test_metrics=None):
-        """The end: peak GPU memory, log_history.json, loss.png; best/'s test metrics (test_*, from score_best) into
-        eval_results.json, its model card with the whole run's evaluations and curve, and the upload to the Hub with
-        --push_to_hub. True on the main process (for the demo)."""
-        self.progress.bar.close()
-        self.accelerator.end_training()
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # ZeRO-3 would split the demo's model over processes that have ended (from_pretrained waits for them):
-            # the demo loads best/ whole, as users will.
-            unset_hf_deepspeed_config()
-        if self.accelerator.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
-            self.accelerator.print(f"Peak GPU memory: {peak:.2f} GiB")
-        if not self.accelerator.is_main_process:
-            return False
-        write_json(self.output_dir / "log_history.json", self.state.log_history)
-        plot_history(self.state.log_history, self.output_dir / "loss.png", ("eval_loss", f"eval_{self.metric}"))
-        results = json.loads((self.output_dir / "eval_results.json").read_text()) | (test_metrics or {})
-        write_json(self.output_dir / "eval_results.json", results)
-        shutil.copy(self.output_dir / "loss.png", self.best_dir / "loss.png")
-        self.model_card(results).save(self.best_dir / "README.md")
-        best = self.state.best_metric
-        print(f"Best {self.metric}: {best:.4f} at step {self.state.best_step}; model in {self.best_dir}")
-        if test_metrics:
-            print(f"best/ on the test data: {format_metrics(test_metrics)}")
-        if self.args.push_to_hub:
-            push_to_hub(self.args, self.best_dir, self.state.best_step)
-        return True
+def hub_problem(args):
+    """--push_to_hub: why the model could not be uploaded at the end, or None. The Hub must
+    answer and the token may write to the repository, which is made now (or found), as Hugging
+    Face's example scripts do: not after hours of training."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "--push_to_hub: HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it, or drop --push_to_hub"
+    try:
+        api = huggingface_hub.HfApi(token=args.hub_token)
+        api.create_repo(hub_repository(api, args), private=args.hub_private_repo, exist_ok=True)
+    except Exception as err:  # no network, no token saved, a token that may only read
+        refused = getattr(getattr(err, "response", None), "status_code", None) == 403
+        why = "the token may not write there" if refused else "check the network and `hf auth login`"
+        return (
+            f"--push_to_hub: {first_line(err)}; {why}: pass --hub_token, another --hub_model_id, or drop --push_to_hub"
+        )
+    return None
 
 
-class Progress:
-    """What a run shows while it trains: the progress bar, and every --logging_steps steps the training loss, learning
-    rate, tokens/s and MFU, logged into the training state (saved with checkpoints) and the trackers. The loss stays on
-    the device until then: .item() waits for the device, so it happens only every --logging_steps steps."""
-
-    def __init__(self, accelerator, run, lr_scheduler, flops_per_token):
-        self.accelerator, self.run, self.lr_scheduler = accelerator, run, lr_scheduler
-        if run.finished():
-            accelerator.print(
-                f"Training already finished in {run.output_dir} ({run.state.completed_steps} steps); "
-                "raise --num_train_epochs or --max_train_steps to train further."
-            )
-        else:
-            args, processes = run.args, accelerator.num_processes
-            batch = (args.per_device_train_batch_size, args.gradient_accumulation_steps, processes)
-            accelerator.print(
-                f"Training for {run.num_epochs} epochs, {run.total_steps} optimizer steps ({run.steps_per_epoch} per "
-                f"epoch), global batch {math.prod(batch)} ({batch[0]} per device x {batch[1]} accumulated x {batch[2]} "
-                f"process(es)), {accelerator.device}, mixed precision: {accelerator.mixed_precision}"
-            )
-        self.throughput = Throughput(accelerator, flops_per_token)
-        self.losses = []
-        disable = not accelerator.is_main_process  # one bar, on the main process
-        self.bar = tqdm(total=run.total_steps, initial=run.state.completed_steps, disable=disable)
-
-    def add(self, loss, num_tokens):
-        self.losses.append(loss.detach())
-        self.throughput.add(num_tokens)
-
-    def step(self):
-        self.bar.update(1)
-        if self.run.state.completed_steps % self.run.args.logging_steps:
-            return
-        mean = self.accelerator.reduce(torch.stack(self.losses).float().mean(), reduction="mean").item()
-        metrics = {"train_loss": mean, "learning_rate": self.lr_scheduler.get_last_lr()[0], **self.throughput.report()}
-        self.log(metrics)
-        self.losses = []
-        postfix = {"loss": f"{mean:.4f}", "lr": f"{metrics['learning_rate']:.2e}"}
-        postfix["tok/s"] = f"{metrics['tokens_per_second']:.0f}"
-        if "mfu" in metrics:
-            postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
-        self.bar.set_postfix(postfix)
-
-    def log(self, metrics):
-        state = self.run.state
-        state.log_history.append({"step": state.completed_steps, "epoch": state.epoch, **metrics})
-        self.accelerator.log(metrics, step=state.completed_steps)
+def hub_repository(api, args):
+    """--hub_model_id, else <the logged-in user>/<the output folder's name>."""
+    return args.hub_model_id or f"{api.whoami()['name']}/{Path(args.output_dir).name}"
 
 
-# ---- Evaluation, metrics, throughput, the loss curves.
-def prepare_for_evaluation(accelerator, model, *dataloaders):
-    """The model and dataloaders for evaluation alone (--eval_only, a test set): every process holds the whole model,
-    in the run's mixed precision. Nothing to shard without an optimizer (FSDP2 and DeepSpeed prepare a model only with
-    one)."""
-    model = accelerator.prepare_model(model.to(accelerator.device), evaluation_mode=True)
-    return model, *(accelerator.prepare_data_loader(dataloader) for dataloader in dataloaders)
+def push_to_hub(args, folder, step):
+    """Upload best/ and its card: one call to huggingface_hub. A failure leaves the local model
+    as it is, and the same command, run again after the training finished, tries only the upload
+    again."""
+    api = huggingface_hub.HfApi(token=args.hub_token)
+    try:
+        repo = hub_repository(api, args)
+        api.upload_folder(repo_id=repo, folder_path=folder, commit_message=f"best/ at step {step}")
+    except Exception as err:  # the network, the Hub, the quota: the model is safe on disk
+        raise UserError(
+            f"--push_to_hub: uploading {folder} failed ({first_line(err)}); it is safe on disk: run the same command "
+            "again to retry the upload"
+        ) from None
+    print(f"Uploaded {folder} to https://huggingface.co/{repo}")
 
 
-def evaluate_only(accelerator, args, model, evaluate, eval_dataloader, test_dataloader=None):
-    """--eval_only: `evaluate(accelerator, model, dataloader)` on the validation data, and the test data if given
-    (its metrics named test_*), into <output_dir>/eval_results.json. No training, no checkpoint."""
-    dataloaders = [eval_dataloader] if test_dataloader is None else [eval_dataloader, test_dataloader]
-    model, *dataloaders = prepare_for_evaluation(accelerator, model, *dataloaders)
-    metrics = evaluate(accelerator, model, dataloaders[0])
-    if test_dataloader is not None:
-        metrics |= {f"test_{k}": v for k, v in evaluate(accelerator, model, dataloaders[1]).items()}
-    accelerator.print(f"eval: {format_metrics(metrics)}")
-    if accelerator.is_main_process:
-        write_json(Path(args.output_dir) / "eval_results.json", metrics)
-    return metrics
-
-
-def score_best(accelerator, auto_class, best_dir, evaluate, test_dataloader):
-    """--test_file after training: best/ loaded whole on every process, as users load it, scored by
-    `evaluate(accelerator, model, dataloader)`: its metrics, named test_*."""
-    unset_hf_deepspeed_config()  # training is over: ZeRO-3 must not split the model it loads
-    model, test_dataloader = prepare_for_evaluation(accelerator, from_pretrained(auto_class, best_dir), test_dataloader)
-    return {f"test_{k}": v for k, v in evaluate(accelerator, model, test_dataloader).items()}
-
-
-@torch.no_grad()
-def evaluate(accelerator, model, dataloader, per_example):
-    """`per_example(model, batch)` -> dict of tensors with one row per example, over the whole dataloader and every
-    process. `gather_for_metrics` drops the examples that the last batch repeats to keep processes even, so metrics are
-    exact for any number of processes; per-example values keep a small last batch from skewing means."""
-    model.eval()
-    parts, dtypes = {}, {}
-    for batch in dataloader:
-        for k, v in accelerator.gather_for_metrics(per_example(model, batch)).items():
-            # Python numbers, not many small CPU tensors: on a CPU those would sit between the freed big buffers of each
-            # batch (logits) and keep the allocator from returning them (GBs over a long evaluation).
-            parts.setdefault(k, []).extend(v.cpu().tolist())
-            dtypes[k] = v.dtype
-    model.train()
-    return {k: torch.tensor(v, dtype=dtypes[k]) for k, v in parts.items()}
-
-
-def load_metric(name, fallback):
-    """An `evaluate` metric's compute(), or `fallback` (the same numbers) when the hub
-    cannot be reached: evaluate fetches metric code from the hub on first use."""
-    if os.environ.get("HF_HUB_OFFLINE") != "1":
-        with contextlib.suppress(Exception):  # no network: the fallback
-            import evaluate
-
-            return evaluate.load(name).compute
-    return fallback
-
-
-def format_metrics(metrics):
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
+# ---- Throughput and the loss curves.
 class Throughput:
-    """Counts tokens on the device (no host sync per step); reports tokens/s over all
-    processes when asked, and on a GPU the model FLOPs utilization (MFU)."""
+    """Counts tokens on the device (no host sync per step); reports tokens/s over all processes
+    when asked, and on a GPU the model FLOPs utilization (MFU)."""
 
     def __init__(self, accelerator, flops_per_token=None):
         self.accelerator, self.flops_per_token = accelerator, flops_per_token
@@ -1661,7 +1768,8 @@ class Throughput:
         self.start += time.perf_counter() - self.paused_at
 
     def report(self):
-        """{"tokens_per_second": ..., and "mfu" (0..1) where the device's peak is known}, since the last report."""
+        """{"tokens_per_second": ..., and "mfu" (0..1) where the device's peak is known}, since
+        the last report."""
         total = self.accelerator.reduce(self.tokens.clone(), reduction="sum").item()
         out = {"tokens_per_second": total / max(time.perf_counter() - self.start, 1e-9)}
         self.tokens.zero_()
@@ -1669,21 +1777,6 @@ class Throughput:
         if self.peak and self.flops_per_token:
             out["mfu"] = out["tokens_per_second"] * self.flops_per_token / self.peak
         return out
-
-
-def flops_per_token(model, seq_len):
-    """Training FLOPs per token as nanoGPT and the PaLM paper count them: 6 per weight in a matrix product (2 forward,
-    4 backward), plus attention's 12 x layers x width x sequence length. Embedding lookups are no matrix products; an
-    output layer tied to the embeddings is. Counted before `prepare`, which splits weights under FSDP, and from
-    each weight's whole shape, which ZeRO-3 splits as the model loads."""
-    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
-    matmul = sum(math.prod(full_shape(p)) for p in model.parameters() if id(p) not in embeddings)
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is model.get_input_embeddings().weight:
-        matmul += math.prod(full_shape(head.weight))
-    # Hugging Face configs map these names (GPT-2's n_layer, n_embd too); where one is missing, no attention term.
-    layers, width = getattr(model.config, "num_hidden_layers", 0), getattr(model.config, "hidden_size", 0)
-    return 6 * matmul + 12 * layers * width * seq_len
 
 
 # Dense (no sparsity) peak tensor-core FLOP/s per GPU, by name: bf16/fp16, and TF32 for fp32.
@@ -1708,8 +1801,9 @@ def peak_flops(device, mixed_precision):
 
 
 def plot_history(log_history, path, eval_keys=("eval_loss",)):
-    """loss.png: the training loss and the eval metrics against optimizer steps; losses on the left axis, other metrics
-    (accuracy, perplexity, ...) on the right. A bare Figure, without pyplot: no display needed."""
+    """loss.png: the training loss and the eval metrics against optimizer steps; losses on the
+    left axis, other metrics (accuracy, perplexity, ...) on the right. A bare Figure, without
+    pyplot: no display needed."""
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     for key in ("train_loss", *dict.fromkeys(eval_keys)):

@@ -2,14 +2,14 @@
 
     python finetune_gpt2.py                                  # gpt2 on WikiText-2 raw
     python finetune_gpt2.py --train_file my_text.txt --block_size 512
-    python finetune_gpt2.py --model_name_or_path outputs/finetune_gpt2/best ...   # continue a tuned model
+    python finetune_gpt2.py --model_name_or_path outputs/finetune_gpt2/best ...   # go on from it
     accelerate launch finetune_gpt2.py ...                   # any number of GPUs or TPU cores
 
-The text is tokenized once and packed into blocks of --block_size tokens: no padding, every position is a prediction.
-Each epoch reports the loss and the perplexity, exp(mean loss per predicted token); the best model goes to
-<output_dir>/best, and at the end a sample continues --prompt (saved to samples.txt). Re-running the same command
-continues from the newest checkpoint in --output_dir.
-"""
+The text is tokenized once and packed into blocks of --block_size tokens: no padding, every
+position is a prediction. Each epoch reports the loss and the perplexity, exp(mean loss per
+predicted token); the best model goes to <output_dir>/best, and at the end a sample continues
+--prompt (saved to samples.txt). Re-running the same command continues from the newest checkpoint
+in --output_dir."""
 
 import math
 import tarfile
@@ -17,13 +17,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState  # print() on the main process only, from anywhere
 from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator, pipeline, set_seed
 
 import common
 
-ABOUT = {"pipeline_tag": "text-generation", "task": "generating text (causal language modeling)"}  # the model card
-# Flags that may change on resume, besides common.MAY_CHANGE_ON_RESUME: they only shape the final sample.
+# Flags that may change on resume, besides common.MAY_CHANGE_ON_RESUME: they only shape the final
+# sample.
 MAY_CHANGE = ["prompt", "max_new_tokens", "top_k", "top_p", "temperature", "archive"]
+ABOUT = {"pipeline_tag": "text-generation", "task": "generating text (causal language modeling)"}  # model card
 
 
 def parse_args(argv=None):
@@ -46,7 +48,69 @@ def parse_args(argv=None):
     return args
 
 
+def train(args):
+    accelerator = common.setup(args, "finetune_gpt2")
+    tokenizer, model, block_size = load_model(args)
+    train_data, eval_data, test_data = get_data(args, accelerator, tokenizer, block_size)
+    # Every block has block_size tokens: batches are stacked, never padded.
+    dataloaders = common.make_dataloaders(args, accelerator, default_data_collator, train_data, eval_data, test_data)
+    train_dataloader, eval_dataloader, test_dataloader = dataloaders
+    if args.eval_only:  # no training: the model as it is, on the validation (and test) text
+        return common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, test_dataloader)
+
+    flops = common.flops_per_token(model, block_size)  # counted now: prepare() may split the weights
+    optimizer = common.make_optimizer(model, args, accelerator.device)
+    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, train_dataloader)
+    common.set_fsdp_units(accelerator, model)  # FSDP only: which layers it shards as units
+    # One call for all: an engine (DDP, FSDP, DeepSpeed) wraps the model, its optimizer and its
+    # schedule together, and each dataloader learns to give each process its share of every batch.
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
+    )
+    # A checkpoint of another block size, vocabulary or text is not resumed (common.Checkpointer).
+    data = {"block_size": block_size, "vocab_size": len(tokenizer), "train_blocks": common.length(train_data)}
+    run = common.Run(
+        accelerator, args, model=model, tokenizer=tokenizer, lr_scheduler=lr_scheduler,
+        train_dataloader=train_dataloader, flops_per_token=flops, settings=data, may_change=MAY_CHANGE,
+        stream=common.stream_of(train_data), about=ABOUT,
+    )  # fmt: skip
+    run.resume_or_start()  # from the newest checkpoint in --output_dir made with these settings, if any
+
+    for epoch in run.epochs():  # from where a resumed run stands; none if the run had finished
+        model.train()  # dropout on (the evaluation at each epoch's end turns it off)
+        train_dataloader.set_epoch(epoch)  # the epoch's order depends only on the seed and the epoch
+        for batch in run.batches(train_dataloader):  # without those a resumed run already trained on
+            with accelerator.accumulate(model):  # an optimizer step every --gradient_accumulation_steps
+                # this script: labels = inputs (the model shifts them by one position itself)
+                outputs = model(input_ids=batch["input_ids"], labels=batch["input_ids"])  # this script
+                accelerator.backward(outputs.loss)  # scaled for fp16, divided over the accumulated batches
+                if accelerator.sync_gradients and args.max_grad_norm:  # a step's last batch: gradients whole
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                # accumulate() makes the optimizer act on each step's last batch only.
+                # The schedule is ours to keep: once per optimizer step, not when fp16 skipped one.
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
+                optimizer.zero_grad()
+            run.count_batch(outputs.loss, batch["input_ids"].numel())  # this script: every token is real
+        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
+
+    test_metrics = None
+    if test_dataloader is not None:  # --test_file: best/ scored on held-out text
+        test_metrics = common.score_best(
+            accelerator, AutoModelForCausalLM, run.best_dir, run_evaluation, test_dataloader
+        )
+    run.finish(test_metrics)
+    if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
+        generate_sample(args, run.best_dir, run.output_dir / "samples.txt", accelerator.device)
+        if args.archive:
+            archive(run.best_dir, run.output_dir)
+    return run.state
+
+
 def load_model(args):
+    """The tokenizer, the model, and the block size: --block_size, or the smaller of 1024 and the
+    model's maximum."""
     tokenizer = common.from_pretrained(AutoTokenizer, args.model_name_or_path, "tokenizer")
     if tokenizer.eos_token_id is None:
         raise common.UserError(
@@ -54,6 +118,7 @@ def load_model(args):
             "(e.g. '<|endoftext|>', as GPT-2's) or use a causal-LM tokenizer that has it"
         )
     model = common.from_pretrained(AutoModelForCausalLM, args.model_name_or_path)
+    PartialState().print(f"{args.model_name_or_path}: {model.num_parameters():,} parameters")
     most = max_positions(model, tokenizer)
     if args.block_size is None:
         return tokenizer, model, min(1024, most)
@@ -65,30 +130,35 @@ def load_model(args):
     return tokenizer, model, args.block_size
 
 
+def max_positions(model, tokenizer):
+    """Tokens the model sees at once: in its config (GPT-2), or with no position table (ALiBi)
+    its tokenizer's limit."""
+    return getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+
+
 def get_data(args, accelerator, tokenizer, block_size):
-    """The training, validation and (--test_file) test blocks. --eval_only needs no training blocks."""
+    """The training, validation and (--test_file) test blocks. --eval_only needs no training
+    blocks."""
     with accelerator.main_process_first():  # the main process reads the text; the others read its cache
         train_text, eval_text = common.load_text_data(args)
         test_text = common.load_test_text(args)
+    train_data, test_data = None, None
     with accelerator.local_main_process_first():  # each machine's first process tokenizes; the others read its file
-        train_data = None if args.eval_only else tokenize_and_pack(train_text, tokenizer, block_size, "training", args)
+        if not args.eval_only:
+            train_data = tokenize_and_pack(train_text, tokenizer, block_size, "training", args)
         eval_data = tokenize_and_pack(eval_text, tokenizer, block_size, "validation", args)
-        test_data = None
         if test_text is not None:
             test_data = tokenize_and_pack(test_text, tokenizer, block_size, "test", args)
-    training = "streamed" if args.streaming or train_data is None else f"{len(train_data)}"
+    training = common.length(train_data) or 0  # (none for --eval_only)
+    if args.streaming:
+        training = "streamed"
     accelerator.print(f"{training} training and {len(eval_data)} validation blocks of {block_size} tokens")
     return train_data, eval_data, test_data
 
 
-def max_positions(model, tokenizer):
-    """Tokens the model sees at once: in its config (GPT-2), or with no position table (ALiBi) its tokenizer's limit."""
-    return getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-
-
 def tokenize_and_pack(texts, tokenizer, block_size, split_name, args):
-    """All lines tokenized into one stream (a token file, made once and reused), cut into blocks of exactly
-    block_size tokens. Only the final partial block is left out."""
+    """All lines tokenized into one stream (a token file, made once and reused), cut into blocks
+    of exactly block_size tokens. Only the final partial block is left out."""
 
     def tokenize(lines):
         return tokenizer(lines)["input_ids"]
@@ -99,7 +169,7 @@ def tokenize_and_pack(texts, tokenizer, block_size, split_name, args):
     token_file = common.tokenize_to_file(texts, tokenize, tokenizer, args, split_name, recipe="causal-lm")
     blocks = common.TokenSamples(token_file, block_size)
     if len(blocks) == 0:
-        found = token_file.meta["tokens"]
+        found = token_file.num_tokens
         raise common.UserError(
             f"the {split_name} text has {found} tokens: fewer than one block of --block_size {block_size}; "
             f"add text or pass --block_size {max(2, found)} or less"
@@ -119,67 +189,6 @@ def run_evaluation(accelerator, model, eval_dataloader):
     out = common.evaluate(accelerator, model, eval_dataloader, per_example)
     loss = (out["loss_sum"].sum() / out["tokens"].sum()).item()  # the mean over tokens, not over batches
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-
-
-def train(args):
-    accelerator = common.setup(args, "finetune_gpt2")
-    tokenizer, model, block_size = load_model(args)
-    train_data, eval_data, test_data = get_data(args, accelerator, tokenizer, block_size)
-    accelerator.print(f"{args.model_name_or_path}: {model.num_parameters():,} parameters")
-    # Every block has block_size tokens: batches are stacked, never padded.
-    test_dataloader = None
-    if test_data is not None:
-        test_dataloader = common.make_eval_dataloader(args, accelerator, test_data, default_data_collator)
-    if args.eval_only:
-        eval_dataloader = common.make_eval_dataloader(args, accelerator, eval_data, default_data_collator)
-        return common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, test_dataloader)
-    train_dataloader, eval_dataloader = common.make_dataloaders(
-        args, accelerator, train_data, eval_data, default_data_collator
-    )
-    flops = common.flops_per_token(model, block_size)  # counted while the weights are whole
-    optimizer = common.make_optimizer(model, args, accelerator.device)
-    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, train_dataloader)
-    common.set_fsdp_units(accelerator, model)  # FSDP only: which layers it shards as units
-    # One call for all: FSDP and DeepSpeed wrap the model, its optimizer and its schedule together.
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
-    )
-    # Resume from the newest checkpoint in --output_dir, if it was made with these settings.
-    train_blocks = None if args.streaming else len(train_data)
-    settings = {"block_size": block_size, "vocab_size": len(tokenizer), "train_blocks": train_blocks}
-    run = common.Run(
-        accelerator, args, model=model, tokenizer=tokenizer, lr_scheduler=lr_scheduler,
-        train_dataloader=train_dataloader, flops_per_token=flops, settings=settings, may_change=MAY_CHANGE,
-        stream=train_data if args.streaming else None, about=ABOUT,
-    )  # fmt: skip
-
-    model.train()
-    for epoch in run.epochs():
-        train_dataloader.set_epoch(epoch)  # the epoch's shuffle depends only on the seed and the epoch
-        for batch in run.batches(train_dataloader):  # without those a resumed run already trained on
-            with accelerator.accumulate(model):  # the optimizer steps every --gradient_accumulation_steps
-                # this script: the labels are the inputs (the model shifts them by one position itself)
-                outputs = model(input_ids=batch["input_ids"], labels=batch["input_ids"])  # this script
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    lr_scheduler.step()  # once per optimizer step (fp16 may skip a step on overflow)
-                optimizer.zero_grad()
-            run.log_and_save(outputs.loss, batch["input_ids"].numel())  # this script: every token is real
-        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
-
-    test_metrics = None
-    if test_dataloader is not None:  # --test_file: best/ scored on held-out text
-        test_metrics = common.score_best(
-            accelerator, AutoModelForCausalLM, run.best_dir, run_evaluation, test_dataloader
-        )
-    if run.finish(test_metrics):
-        generate_sample(args, run.best_dir, run.output_dir / "samples.txt", accelerator.device)
-        if args.archive:
-            archive(run.best_dir, run.output_dir)
-    return run.state
 
 
 def generate_sample(args, model_dir, path, device):
@@ -204,8 +213,8 @@ def generate_sample(args, model_dir, path, device):
 
 
 def archive(model_dir, output_dir):
-    """<output_dir>.tar.gz of the exported model, next to the output folder (on Drive when
-    the output is there); written under a temporary name, then renamed."""
+    """<output_dir>.tar.gz of the exported model, next to the output folder (on Drive when the
+    output is there); written under a temporary name, then renamed."""
     target = Path(f"{output_dir}.tar.gz")
     tmp = target.with_name(f".tmp-{target.name}")
     with tarfile.open(tmp, "w:gz") as tar:

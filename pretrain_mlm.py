@@ -1,23 +1,24 @@
 """Pretrain a small RoBERTa masked language model from scratch, tokenizer included.
 
-    python pretrain_mlm.py --train_file "books/*.txt"          # the KantaiBERT tutorial, done properly
+    python pretrain_mlm.py --train_file "books/*.txt"          # the KantaiBERT tutorial, done well
     python pretrain_mlm.py                                     # WikiText-2 raw from the hub
     accelerate launch pretrain_mlm.py ...                      # any number of GPUs or TPU cores
 
-1. Train a byte-level BPE tokenizer (RoBERTa's: <s> <pad> </s> <unk> <mask>) on the training text and save it in
-   --output_dir (a resumed run reuses it, never retrains).
+1. Train a byte-level BPE tokenizer (RoBERTa's: <s> <pad> </s> <unk> <mask>) on the training text
+   and save it in --output_dir (a resumed run reuses it, never retrains).
 2. Build RobertaForMaskedLM from RobertaConfig (the tutorial's sizes by default).
-3. Pack the text into blocks of --max_seq_length tokens (or --line_by_line), mask --mlm_probability of the tokens,
-   train; evaluate the masked-LM loss every epoch.
-4. Export the best model with the tokenizer to <output_dir>/best and fill in the <mask> of --fill_mask_prompt.
-Re-running the same command continues from the newest checkpoint in --output_dir.
-"""
+3. Pack the text into blocks of --max_seq_length tokens (or --line_by_line), mask --mlm_probability
+   of the tokens, train; evaluate the masked-LM loss every epoch.
+4. Export the best model with the tokenizer to <output_dir>/best and fill in the <mask> of
+   --fill_mask_prompt. Re-running the same command continues from the newest checkpoint in
+   --output_dir."""
 
 import hashlib
 import math
 from pathlib import Path
 
 import torch
+from accelerate import PartialState  # print() on the main process only, from anywhere
 from tokenizers import ByteLevelBPETokenizer
 from transformers import (
     AutoModelForMaskedLM,
@@ -78,8 +79,102 @@ def parse_args(argv=None):
     return args
 
 
+def train(args):
+    accelerator = common.setup(args, "pretrain_mlm")
+    refuse_fsdp(accelerator)
+    tokenizer, train_data, eval_data, test_data = get_data(args, accelerator)
+    model = load_model(args, tokenizer)
+    train_dataloader, eval_dataloader, test_dataloader = get_dataloaders(
+        args, accelerator, tokenizer, train_data, eval_data, test_data
+    )
+    if args.eval_only:  # no training: the model as it is, on the validation (and test) text
+        return common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, test_dataloader)
+
+    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)
+    flops = common.flops_per_token(model, args.max_seq_length)  # counted now: prepare() may split the weights
+    optimizer = common.make_optimizer(model, args, accelerator.device)
+    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, train_dataloader)
+    # One call for all: an engine (DDP, DeepSpeed) wraps the model, its optimizer and its schedule
+    # together.
+    model, optimizer, eval_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, eval_dataloader, lr_scheduler
+    )
+    # The training batches stay on the CPU: they are masked there (see mask_tokens), then moved.
+    train_dataloader = accelerator.prepare_data_loader(train_dataloader, device_placement=False)
+    # A checkpoint made with another tokenizer or text is not resumed (common.Checkpointer).
+    data = {"tokenizer_sha256": tokenizer_hash(args), "train_samples": common.length(train_data)}
+    run = common.Run(
+        accelerator, args, model=model, tokenizer=tokenizer, lr_scheduler=lr_scheduler,
+        train_dataloader=train_dataloader, flops_per_token=flops, settings=data, may_change=MAY_CHANGE,
+        stream=common.stream_of(train_data), about=ABOUT,
+    )  # fmt: skip
+    run.resume_or_start()  # from the newest checkpoint in --output_dir made with these settings, if any
+
+    for epoch in run.epochs():  # from where a resumed run stands; none if the run had finished
+        model.train()  # dropout on (the evaluation at each epoch's end turns it off)
+        train_dataloader.set_epoch(epoch)  # the epoch's order depends only on the seed and the epoch
+        for batch in run.batches(train_dataloader):  # without those a resumed run already trained on
+            with accelerator.accumulate(model):  # an optimizer step every --gradient_accumulation_steps
+                # this script: masking makes the inputs and the labels (see mask_tokens)
+                outputs = model(**mask_tokens(masker, batch, accelerator.device))  # this script
+                accelerator.backward(outputs.loss)  # scaled for fp16, divided over the accumulated batches
+                if accelerator.sync_gradients and args.max_grad_norm:  # a step's last batch: gradients whole
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                # accumulate() makes the optimizer act on each step's last batch only.
+                # The schedule is ours to keep: once per optimizer step, not when fp16 skipped one.
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
+                optimizer.zero_grad()
+            run.count_batch(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
+        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
+
+    test_metrics = None
+    if test_dataloader is not None:  # --test_file: best/ scored on held-out text, with fixed masks
+        test_metrics = common.score_best(
+            accelerator, AutoModelForMaskedLM, run.best_dir, run_evaluation, test_dataloader
+        )
+    run.finish(test_metrics)
+    if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
+        fill_mask(run.best_dir, args.fill_mask_prompt, accelerator.device)
+    return run.state
+
+
+def refuse_fsdp(accelerator):
+    """FSDP2, in one line rather than an error from its depths."""
+    if accelerator.distributed_type == common.DistributedType.FSDP:
+        raise common.UserError(
+            "FSDP2 cannot shard RoBERTa's masked-LM head (its bias is shared between two FSDP units, which torch 2.13 "
+            "refuses): use DeepSpeed (configs/deepspeed_zero3.yaml) or DDP (configs/multi_gpu.yaml)"
+        )
+
+
+def get_data(args, accelerator):
+    """The tokenizer, and the training, validation and (--test_file) test samples. --eval_only
+    needs no training samples."""
+    with accelerator.main_process_first():  # the main process reads the text; the others read its cache
+        train_text, eval_text = common.load_text_data(args, keep_linebreaks=False)
+        test_text = common.load_test_text(args, keep_linebreaks=False)
+    tokenizer = get_tokenizer(accelerator, train_text, args)
+    train_data, test_data = None, None
+    with accelerator.local_main_process_first():  # each machine's first process tokenizes; the others read its file
+        if not args.eval_only:
+            train_data = prepare_data(train_text, tokenizer, args, "training")
+        eval_data = prepare_data(eval_text, tokenizer, args, "validation")
+        if test_text is not None:
+            test_data = prepare_data(test_text, tokenizer, args, "test")
+    training = f"{common.length(train_data) or 0:,}"  # (none for --eval_only)
+    if args.streaming:
+        training = "streamed"
+    accelerator.print(
+        f"{training} training and {len(eval_data):,} validation samples of up to {args.max_seq_length} tokens"
+    )
+    return tokenizer, train_data, eval_data, test_data
+
+
 def get_tokenizer(accelerator, texts, args):
-    """--model_name_or_path's tokenizer, or the one in --output_dir; else train one (main process, others wait)."""
+    """--model_name_or_path's tokenizer, or the one in --output_dir; else train one (main
+    process, others wait)."""
     if args.model_name_or_path:
         return common.from_pretrained(AutoTokenizer, args.model_name_or_path, "tokenizer")
     output_dir = Path(args.output_dir)
@@ -93,8 +188,8 @@ def get_tokenizer(accelerator, texts, args):
 
 
 def train_tokenizer(texts, args, output_dir):
-    """A byte-level BPE learned from the text, saved as RoBERTa's tokenizer: its special tokens, <s> text </s> around
-    every sequence."""
+    """A byte-level BPE learned from the text, saved as RoBERTa's tokenizer: its special tokens,
+    <s> text </s> around every sequence."""
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
         batches_of_lines(texts),
@@ -109,35 +204,31 @@ def train_tokenizer(texts, args, output_dir):
             f"fewer than --vocab_size {args.vocab_size:,}: the tokenizer and the model use {bpe.get_vocab_size():,}"
         )
     tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, model_max_length=args.max_position_embeddings - 2)
-    # Into a temporary folder, then moved in with tokenizer.json last: a kill midway never leaves a half tokenizer.
+    # Into a temporary folder, then moved in with tokenizer.json last: get_tokenizer reuses any
+    # folder that has it, so a kill midway must never leave tokenizer.json beside half of the other
+    # files.
     tmp = output_dir / ".tmp-tokenizer"
     common.delete_tree(tmp)
     tokenizer.save_pretrained(tmp)
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "tokenizer.json"):
-        f.replace(output_dir / f.name)
+    for file in tmp.iterdir():
+        if file.name != "tokenizer.json":
+            file.replace(output_dir / file.name)
+    (tmp / "tokenizer.json").replace(output_dir / "tokenizer.json")
     tmp.rmdir()
 
 
 def batches_of_lines(texts):
-    """The non-blank lines, a batch at a time: the tokenizer's trainer counts words as they come, never holding the
-    text."""
+    """The non-blank lines, a batch at a time: the tokenizer's trainer counts words as they come,
+    never holding the text."""
     for batch in texts.iter(batch_size=10_000):
         yield [line for line in batch["text"] if line.strip()]
 
 
-def new_model(args, tokenizer):
-    """RobertaForMaskedLM from RobertaConfig, the tutorial's sizes unless flags say otherwise."""
-    sizes = ("max_position_embeddings", "num_attention_heads", "num_hidden_layers", "hidden_size", "intermediate_size")
-    config = RobertaConfig(vocab_size=len(tokenizer), type_vocab_size=1, **{k: getattr(args, k) for k in sizes})
-    config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    return RobertaForMaskedLM(config)
-
-
 def prepare_data(texts, tokenizer, args, split_name):
-    """Packed blocks of exactly --max_seq_length tokens cut from all lines in one stream, or (--line_by_line) each
-    line cut to --max_seq_length: from a token file, made once and reused. Blank lines are left out; every line gets
-    RoBERTa's <s> ... </s>. The samples say which tokens are special (<s>, </s>, <pad>): those are never masked."""
+    """Packed blocks of exactly --max_seq_length tokens cut from all lines in one stream, or
+    (--line_by_line) each line cut to --max_seq_length: from a token file, made once and reused.
+    Blank lines are left out; every line gets RoBERTa's <s> ... </s>. The samples say which
+    tokens are special (<s>, </s>, <pad>): those are never masked."""
     cut = {"truncation": True, "max_length": args.max_seq_length} if args.line_by_line else {}
 
     def tokenize(lines):  # whole lines when packing: packing cuts the blocks
@@ -158,62 +249,46 @@ def prepare_data(texts, tokenizer, args, split_name):
     return data
 
 
-def get_data(args, accelerator):
-    """The tokenizer, and the training, validation and (--test_file) test samples. --eval_only needs no training
-    samples."""
-    with accelerator.main_process_first():
-        train_text, eval_text = common.load_text_data(args, keep_linebreaks=False)
-        test_text = common.load_test_text(args, keep_linebreaks=False)
-    tokenizer = get_tokenizer(accelerator, train_text, args)
-    with accelerator.local_main_process_first():  # each machine's first process tokenizes; the others read its file
-        train_data = None if args.eval_only else prepare_data(train_text, tokenizer, args, "training")
-        eval_data = prepare_data(eval_text, tokenizer, args, "validation")
-        test_data = None
-        if test_text is not None:
-            test_data = prepare_data(test_text, tokenizer, args, "test")
-    training = "streamed" if args.streaming or train_data is None else f"{len(train_data):,}"
-    accelerator.print(
-        f"{training} training and {len(eval_data):,} validation samples of up to {args.max_seq_length} tokens"
-    )
-    return tokenizer, train_data, eval_data, test_data
+def load_model(args, tokenizer):
+    """A saved model folder (--model_name_or_path) continues its pretraining; without one, a new
+    model."""
+    if args.model_name_or_path:
+        model = common.from_pretrained(AutoModelForMaskedLM, args.model_name_or_path)
+    else:
+        model = new_model(args, tokenizer)  # seeded by setup: the same start every time
+    PartialState().print(f"RoBERTa masked LM: {model.num_parameters():,} parameters")
+    return model
+
+
+def new_model(args, tokenizer):
+    """RobertaForMaskedLM from RobertaConfig, the tutorial's sizes unless flags say otherwise."""
+    sizes = ("max_position_embeddings", "num_attention_heads", "num_hidden_layers", "hidden_size", "intermediate_size")
+    config = RobertaConfig(vocab_size=len(tokenizer), type_vocab_size=1, **{k: getattr(args, k) for k in sizes})
+    config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    return RobertaForMaskedLM(config)
 
 
 def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, test_data):
-    """Training, validation and test batches (None without training or test data). Packed blocks all have the same
-    length: they are stacked. Lines are padded to the longest of each batch (and the validation labels with -100,
-    predicting nothing). The validation and test samples are masked once and for all (FixedMasks)."""
+    """Training, validation and test batches (None without training or test data). Packed blocks
+    all have the same length: they are stacked. Lines are padded to the longest of each batch
+    (the evaluation's labels with -100: padding predicts nothing). The validation and test
+    samples are masked once and for all (FixedMasks)."""
     collator = DataCollatorWithPadding(tokenizer) if args.line_by_line else default_data_collator
     eval_collator = DataCollatorForTokenClassification(tokenizer) if args.line_by_line else default_data_collator
     eval_data = FixedMasks(eval_data, tokenizer, args)
-    test_dataloader = None
     if test_data is not None:
         test_data = FixedMasks(test_data, tokenizer, args)
-        test_dataloader = common.make_eval_dataloader(args, accelerator, test_data, eval_collator)
-    if train_data is None:  # --eval_only
-        return None, common.make_eval_dataloader(args, accelerator, eval_data, eval_collator), test_dataloader
-    train, evaluation = common.make_dataloaders(
-        args, accelerator, train_data, eval_data, collator, eval_collator=eval_collator
+    return common.make_dataloaders(
+        args, accelerator, collator, train_data, eval_data, test_data, eval_collate_fn=eval_collator
     )
-    return train, evaluation, test_dataloader
-
-
-def mask_tokens(masker, batch, device):
-    """The model's inputs: DataCollatorForLanguageModeling's masking (of the maskable tokens, --mlm_probability: 80%
-    become <mask>, 10% a random token, 10% stay; only those are predicted), moved to the device. It runs in the loop, on
-    the CPU batch, drawing from the global random state that checkpoints save and restore, so a resumed run masks
-    exactly as an uninterrupted one (inside the DataLoader it would draw ahead of training: Accelerate prefetches a
-    batch)."""
-    input_ids, labels = masker.torch_mask_tokens(
-        batch["input_ids"].clone(), special_tokens_mask=batch["special_tokens_mask"]
-    )
-    inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "labels": labels}
-    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
 class FixedMasks(torch.utils.data.Dataset):
-    """The validation samples, masked once and for all: sample i's masks come from a generator seeded with --seed + i,
-    so every evaluation predicts the same tokens, on any number of processes and at any batch size, and losses from
-    one evaluation to the next differ only by what the model learned."""
+    """Validation (or test) samples, masked once and for all: sample i's masks come from a
+    generator seeded with --seed + i, so every evaluation predicts the same tokens, on any number
+    of processes and at any batch size, and losses from one evaluation to the next differ only by
+    what the model learned."""
 
     def __init__(self, samples, tokenizer, args):
         self.samples, self.seed = samples, args.seed
@@ -231,6 +306,25 @@ class FixedMasks(torch.utils.data.Dataset):
         return {"input_ids": input_ids[0], "attention_mask": sample["attention_mask"], "labels": labels[0]}
 
 
+def tokenizer_hash(args):
+    path = Path(args.model_name_or_path or args.output_dir) / "tokenizer.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def mask_tokens(masker, batch, device):
+    """The model's inputs: DataCollatorForLanguageModeling's masking (of the maskable tokens,
+    --mlm_probability: 80% become <mask>, 10% a random token, 10% stay; only those are
+    predicted), moved to the device. It runs in the loop, on the CPU batch, drawing from the
+    global random state that checkpoints save and restore, so a resumed run masks exactly as an
+    uninterrupted one (inside the DataLoader it would draw ahead of training: Accelerate
+    prefetches a batch)."""
+    input_ids, labels = masker.torch_mask_tokens(
+        batch["input_ids"].clone(), special_tokens_mask=batch["special_tokens_mask"]
+    )
+    inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "labels": labels}
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
 def run_evaluation(accelerator, model, eval_dataloader):
     """Masked-LM loss per masked token (the masks are fixed: see FixedMasks)."""
 
@@ -242,79 +336,6 @@ def run_evaluation(accelerator, model, eval_dataloader):
     out = common.evaluate(accelerator, model, eval_dataloader, per_example)
     loss = (out["loss_sum"].sum() / out["masked"].sum().clamp(min=1)).item()  # the mean over masked tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-
-
-def train(args):
-    accelerator = common.setup(args, "pretrain_mlm")
-    refuse_fsdp(accelerator)
-    tokenizer, train_data, eval_data, test_data = get_data(args, accelerator)
-    if args.model_name_or_path:
-        model = common.from_pretrained(AutoModelForMaskedLM, args.model_name_or_path)
-    else:
-        model = new_model(args, tokenizer)  # seeded by setup: the same start every time
-    accelerator.print(f"RoBERTa masked LM: {model.num_parameters():,} parameters")
-    dataloaders = get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, test_data)
-    train_dataloader, eval_dataloader, test_dataloader = dataloaders
-    if args.eval_only:
-        return common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, test_dataloader)
-    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)
-    flops = common.flops_per_token(model, args.max_seq_length)  # counted while the weights are whole
-    optimizer = common.make_optimizer(model, args, accelerator.device)
-    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, train_dataloader)
-    common.set_fsdp_units(accelerator, model)  # FSDP only: which layers it shards as units
-    # FSDP and DeepSpeed wrap the model, its optimizer and its schedule together, in one call.
-    model, optimizer, eval_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, eval_dataloader, lr_scheduler
-    )
-    # The training batches stay on the CPU: they are masked there (see mask_tokens), then moved.
-    train_dataloader = accelerator.prepare_data_loader(train_dataloader, device_placement=False)
-    # Resume from the newest checkpoint in --output_dir, if it was made with these settings.
-    train_samples = None if args.streaming else len(train_data)
-    settings = {"tokenizer_sha256": tokenizer_hash(args), "train_samples": train_samples}
-    run = common.Run(
-        accelerator, args, model=model, tokenizer=tokenizer, lr_scheduler=lr_scheduler,
-        train_dataloader=train_dataloader, flops_per_token=flops, settings=settings, may_change=MAY_CHANGE,
-        stream=train_data if args.streaming else None, about=ABOUT,
-    )  # fmt: skip
-
-    model.train()
-    for epoch in run.epochs():
-        train_dataloader.set_epoch(epoch)  # the epoch's shuffle depends only on the seed and the epoch
-        for batch in run.batches(train_dataloader):  # without those a resumed run already trained on
-            with accelerator.accumulate(model):  # the optimizer steps every --gradient_accumulation_steps
-                # this script: masking makes the inputs and the labels (see mask_tokens)
-                outputs = model(**mask_tokens(masker, batch, accelerator.device))  # this script
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    lr_scheduler.step()  # once per optimizer step (fp16 may skip a step on overflow)
-                optimizer.zero_grad()
-            run.log_and_save(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
-        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
-
-    test_metrics = None
-    if test_dataloader is not None:  # --test_file: best/ scored on held-out text, with its fixed masks
-        test_metrics = common.score_best(
-            accelerator, AutoModelForMaskedLM, run.best_dir, run_evaluation, test_dataloader
-        )
-    if run.finish(test_metrics):
-        fill_mask(run.best_dir, args.fill_mask_prompt, accelerator.device)
-    return run.state
-
-
-def refuse_fsdp(accelerator):
-    if accelerator.distributed_type == common.DistributedType.FSDP:
-        raise common.UserError(
-            "FSDP2 cannot shard RoBERTa's masked-LM head (its bias is shared between two FSDP units, which torch 2.13 "
-            "refuses): use DeepSpeed (configs/deepspeed_zero3.yaml) or DDP (configs/multi_gpu.yaml)"
-        )
-
-
-def tokenizer_hash(args):
-    path = Path(args.model_name_or_path or args.output_dir) / "tokenizer.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 def fill_mask(model_dir, prompt, device):

@@ -1,14 +1,15 @@
 """Fine-tune a pretrained encoder for sentence or sentence-pair classification (or regression).
 
     python train_classifier.py                                    # bert-base-uncased on GLUE MRPC
-    python train_classifier.py --train_file train.tsv --validation_file dev.tsv   # any GLUE task's files
+    python train_classifier.py --train_file train.tsv --validation_file dev.tsv   # a GLUE task's
     python train_classifier.py --train_file reviews.csv --text_columns review --label_column stars
     accelerate launch train_classifier.py ...                     # any number of GPUs or TPU cores
 
-Local data is CSV, TSV or JSON lines; the text and label columns are found by name (LAYOUTS) or given by flag. Labels
-with fractions (STS-B's scores) make a regression. Re-running the same command continues from the newest checkpoint in
---output_dir; the best model (by --metric_for_best_model) is exported to <output_dir>/best.
-"""
+Local data is CSV, TSV or JSON lines; the text and label columns are found by name (LAYOUTS) or
+given by flag. Labels with fractions (STS-B's scores) make a regression. Re-running the same
+command continues from the newest checkpoint in --output_dir; the best model (by
+--metric_for_best_model) is exported to <output_dir>/best, and --test_file rows are predicted
+with it into <output_dir>/predictions.tsv, in GLUE's submission layout."""
 
 import argparse
 import csv
@@ -25,7 +26,8 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import common
 
-# Text and label columns by name: the first layout whose columns are all there wins. GLUE's files, and GLUE on the hub.
+# Text and label columns by name: the first layout whose columns are all there wins.
+# GLUE's files, and GLUE on the hub.
 LAYOUTS = [
     # text column(s)                label
     (("sentence1", "sentence2"), "label"),  # MRPC, RTE, WNLI, STS-B on the hub; RTE, WNLI files
@@ -41,7 +43,7 @@ LAYOUTS = [
     (("column4",), "column2"),  # CoLA files: no header row; source, label, original mark, sentence
 ]
 MAY_CHANGE = ["do_predict"]  # flags that may change on resume, besides common.MAY_CHANGE_ON_RESUME
-ABOUT = {"pipeline_tag": "text-classification", "task": "classifying sentences or sentence pairs"}  # the model card
+ABOUT = {"pipeline_tag": "text-classification", "task": "classifying sentences or sentence pairs"}  # model card
 ID_NAME = re.compile(r"(.*[\s_#-])?(id|idx|index|guid)", re.IGNORECASE)  # never text
 # What each metric is without the hub: the same numbers as `evaluate`'s.
 METRICS = {
@@ -74,10 +76,105 @@ def parse_args(argv=None):
     return args
 
 
+def train(args):
+    accelerator = common.setup(args, "train_classifier")
+    with accelerator.main_process_first():  # the main process reads the data; the others read its cache
+        train_data, eval_data, columns, label_column, label_names = load_data(args)
+        test_data = load_test_data(args, columns)  # checked now: a bad test file must not wait for the training
+    metric = choose_metric(args, label_names)
+    tokenizer, model, max_seq_length = load_model(args, label_names)
+    train_dataloader, eval_dataloader = get_dataloaders(
+        args, accelerator, tokenizer, train_data, eval_data, columns, max_seq_length
+    )
+    if args.eval_only:  # no training: the model as it is, on the validation data (and the test rows predicted)
+        metrics = common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader)
+        if test_data is not None and accelerator.is_main_process:
+            write_predictions(args, test_data, args.model_name_or_path, accelerator.device)
+        return metrics
+
+    flops = common.flops_per_token(model, max_seq_length)  # counted now: prepare() may split the weights
+    optimizer = common.make_optimizer(model, args, accelerator.device)
+    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, train_dataloader)
+    common.set_fsdp_units(accelerator, model)  # FSDP only: which layers it shards as units
+    # One call for all: an engine (DDP, FSDP, DeepSpeed) wraps the model, its optimizer and its
+    # schedule together, and each dataloader learns to give each process its share of every batch.
+    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
+    )
+    # A checkpoint made with other columns or labels is not resumed (common.Checkpointer).
+    data = {"columns": [*columns, label_column], "labels": label_names}
+    run = common.Run(
+        accelerator, args, model=model, tokenizer=tokenizer, lr_scheduler=lr_scheduler,
+        train_dataloader=train_dataloader, flops_per_token=flops, settings=data, may_change=MAY_CHANGE,
+        metric_for_best_model=metric, about=ABOUT,
+    )  # fmt: skip
+    run.resume_or_start()  # from the newest checkpoint in --output_dir made with these settings, if any
+
+    for epoch in run.epochs():  # from where a resumed run stands; none if the run had finished
+        model.train()  # dropout on (the evaluation at each epoch's end turns it off)
+        train_dataloader.set_epoch(epoch)  # the epoch's order depends only on the seed and the epoch
+        for batch in run.batches(train_dataloader):  # without those a resumed run already trained on
+            with accelerator.accumulate(model):  # an optimizer step every --gradient_accumulation_steps
+                outputs = model(**batch)  # this script: the batch holds the labels
+                accelerator.backward(outputs.loss)  # scaled for fp16, divided over the accumulated batches
+                if accelerator.sync_gradients and args.max_grad_norm:  # a step's last batch: gradients whole
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                # accumulate() makes the optimizer act on each step's last batch only.
+                # The schedule is ours to keep: once per optimizer step, not when fp16 skipped one.
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
+                optimizer.zero_grad()
+            run.count_batch(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
+        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
+
+    run.finish()
+    if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
+        if test_data is not None:  # this script: the test rows predicted, not scored (they have no labels)
+            write_predictions(args, test_data, run.best_dir, accelerator.device)
+        show_predictions(run.best_dir, eval_data, columns, accelerator.device)
+    return run.state
+
+
+def load_data(args):
+    """Train and validation splits with the text columns and a `label` column; the names of the
+    text and label columns found; the label names (None for a regression)."""
+    if args.train_file:
+        train = load_local_file(args.train_file, "--train_file")
+        validation = None
+        if args.validation_file:
+            validation = load_local_file(args.validation_file, "--validation_file")
+        where = {"train": args.train_file, "validation": args.validation_file or args.train_file}
+    else:
+        train, validation = common.load_hub_dataset(args.dataset_name, args.dataset_config_name)
+        where = {"train": args.dataset_name, "validation": args.dataset_name}
+    if validation is None:
+        if len(train) < 2:
+            raise common.UserError(f"{where['train']} has {len(train)} rows: too few to hold out validation data")
+        split = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+        train, validation = split["train"], split["test"]
+    columns, label = find_columns(train, args, where["train"], "train")
+    if find_columns(validation, args, where["validation"], "validation") != (columns, label):
+        raise common.UserError(f"{where['validation']}: its columns differ from the training data's; use one layout")
+    train = check_rows(train, columns, label, where["train"])
+    validation = check_rows(validation, columns, label, where["validation"])
+    if isinstance(train.features["label"], datasets.ClassLabel):  # hub data sets name their labels
+        label_names = train.features["label"].names
+    else:
+        train, validation, label_names = encode_labels(train, validation, where)
+    train = common.first_n(train, args.max_train_samples)
+    validation = common.first_n(validation, args.max_eval_samples)
+    text = " + ".join(repr(c) for c in columns)
+    PartialState().print(
+        f"Data: {len(train):,} training and {len(validation):,} validation rows; text {text}, label '{label}'"
+    )
+    return train, validation, columns, label, label_names
+
+
 def load_local_file(pattern, flag):
-    """A CSV, TSV or JSON-lines file as a `datasets.Dataset`. CSV and TSV cells are read as
-    text ("NA" and "null" in a sentence stay words), under the header's names, or column1,
-    column2, ... when the first row is data (GLUE's CoLA): a header has no numbers."""
+    """A CSV, TSV or JSON-lines file as a `datasets.Dataset`. CSV and TSV cells are read as text
+    ("NA" and "null" in a sentence stay words), under the header's names, or column1, column2,
+    ... when the first row is data (GLUE's CoLA): a header has no numbers."""
     files = common.input_files(pattern, flag, (".csv", ".tsv", ".json", ".jsonl"))
     kind, options = "json", {}
     if files[0].lower().endswith((".csv", ".tsv")):
@@ -109,8 +206,8 @@ def is_number(value):
 
 
 def find_columns(data, args, where, split):
-    """The text column(s) and the label column: the flags, else the first known layout, else Hugging Face's rule made
-    safer (the one or two columns that hold text, not ids)."""
+    """The text column(s) and the label column: the flags, else the first known layout, else
+    Hugging Face's rule made safer (the one or two columns that hold text, not ids)."""
     if len(data) == 0:
         raise common.UserError(f"{where}: the {split} data is empty; give it some rows")
     found = data.column_names
@@ -118,14 +215,18 @@ def find_columns(data, args, where, split):
         missing = [name for name in names if name is not None and name not in found]
         if missing:
             raise common.UserError(f"{where}: {flag} {' '.join(missing)}: no such column; the columns are {found}")
-    layout = next(((t, lab) for t, lab in LAYOUTS if all(c in found for c in (*t, lab))), None)
-    label = args.label_column or (layout and layout[1]) or next((lab for _, lab in LAYOUTS if lab in found), None)
+    layout = None
+    for texts, label in LAYOUTS:
+        if all(name in found for name in (*texts, label)):
+            layout = (list(texts), label)
+            break
+    label = args.label_column or find_label(found, layout)
     if label is None:
-        known = " or ".join(dict.fromkeys(repr(lab) for _, lab in LAYOUTS if not lab.startswith("column")))
+        known = " or ".join(dict.fromkeys(repr(name) for _, name in LAYOUTS if not name.startswith("column")))
         raise common.UserError(f"{where}: no label column ({known}) among {found}; pass --label_column NAME")
-    texts = args.text_columns or (layout and list(layout[0]))
+    texts = args.text_columns or (layout[0] if layout else None)
     if not texts:
-        texts = text_like_columns(data, [c for c in found if c != label])
+        texts = text_like_columns(data, [name for name in found if name != label])
         if len(texts) not in (1, 2):
             raise common.UserError(
                 f"{where}: cannot tell which of {found} hold the text; pass --text_columns NAME [NAME2]"
@@ -134,53 +235,37 @@ def find_columns(data, args, where, split):
     return list(texts), label
 
 
+def find_label(found, layout):
+    """The layout's label column; without a whole layout, the first known label name among the
+    columns found."""
+    if layout:
+        return layout[1]
+    for _, label in LAYOUTS:
+        if label in found:
+            return label
+    return None
+
+
 def text_like_columns(data, candidates):
-    """Hugging Face's rule made safer: the columns that hold text, not ids or numbers (in the first 100 rows)."""
+    """Hugging Face's rule made safer: the columns that hold text, not ids or numbers (in the
+    first 100 rows)."""
     sample = data.select(range(min(len(data), 100)))
     return [c for c in candidates if not ID_NAME.fullmatch(c) and not all(map(is_number, sample[c]))]
 
 
-def load_data(args):
-    """Train and validation splits with the text columns and a `label` column; the names of
-    the text and label columns found; the label names (None for a regression)."""
-    if args.train_file:
-        train = load_local_file(args.train_file, "--train_file")
-        validation = load_local_file(args.validation_file, "--validation_file") if args.validation_file else None
-        where = {"train": args.train_file, "validation": args.validation_file or args.train_file}
-    else:
-        train, validation = common.load_hub_dataset(args.dataset_name, args.dataset_config_name)
-        where = {"train": args.dataset_name, "validation": args.dataset_name}
-    if validation is None:
-        if len(train) < 2:
-            raise common.UserError(f"{where['train']} has {len(train)} rows: too few to hold out validation data")
-        split = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
-        train, validation = split["train"], split["test"]
-    columns, label = find_columns(train, args, where["train"], "train")
-    if find_columns(validation, args, where["validation"], "validation") != (columns, label):
-        raise common.UserError(f"{where['validation']}: its columns differ from the training data's; use one layout")
-    train = check_rows(train, columns, label, where["train"])
-    validation = check_rows(validation, columns, label, where["validation"])
-    if isinstance(train.features["label"], datasets.ClassLabel):  # hub data sets name their labels
-        label_names = train.features["label"].names
-    else:
-        train, validation, label_names = encode_labels(train, validation, where)
-    train, validation = common.first_n(train, args.max_train_samples), common.first_n(validation, args.max_eval_samples)
-    text = " + ".join(repr(c) for c in columns)
-    PartialState().print(
-        f"Data: {len(train):,} training and {len(validation):,} validation rows; text {text}, label '{label}'"
-    )
-    return train, validation, columns, label, label_names
-
-
 def check_rows(data, columns, label, where):
-    """The text columns and the label, renamed `label`. Rows with neither a label nor all their text are lines cut short
-    (GLUE's QQP files have a few, where a question holds a line break): dropped, and said so. A row with its text but no
-    label is a mistake in the data: refused."""
+    """The text columns and the label, renamed `label`. Rows with neither a label nor all their
+    text are lines cut short (GLUE's QQP files have a few, where a question holds a line break):
+    dropped, and said so. A row with its text but no label is a mistake in the data: refused."""
     data = data.select_columns([*columns, label]).rename_columns({label: "label"})
-    blank = [value is None or str(value).strip() == "" for value in data["label"]]
-    whole = [all(str(text or "").strip() for text in texts) for texts in zip(*(data[c] for c in columns))]
-    broken = [i for i, (b, w) in enumerate(zip(blank, whole)) if b and not w]
-    mistakes = [i for i, (b, w) in enumerate(zip(blank, whole)) if b and w]
+    broken, mistakes = [], []
+    for number, row in enumerate(data):
+        if row["label"] is not None and str(row["label"]).strip():
+            continue
+        if all(str(row[name] or "").strip() for name in columns):
+            mistakes.append(number)  # its text is there: the label was forgotten
+        else:
+            broken.append(number)  # a line cut in two
     if mistakes:
         raise common.UserError(
             f"{where}: {len(mistakes)} rows have an empty label (first: data row {mistakes[0] + 1}); "
@@ -195,10 +280,46 @@ def check_rows(data, columns, label, where):
     return data
 
 
+def encode_labels(train, validation, where):
+    """Labels as the model wants them. Numbers with a fraction (STS-B's scores) are a regression
+    target: float32, no label names. Anything else (whole numbers, strings) is classification:
+    ids 0..n-1 in sorted order, names kept."""
+    values = set(train["label"]) | set(validation["label"])
+    if all(map(is_number, values)) and any(not float(v).is_integer() for v in values):
+        label, names, encode = datasets.Value("float32"), None, {v: float(v) for v in values}
+    else:
+        # "1", 1 and 1.0 are all the label "1"; whole numbers sort as numbers, strings as strings.
+        name_of = {v: str(int(float(v))) if is_number(v) else str(v) for v in values}
+        names = sorted(set(name_of.values()), key=label_order)
+        unseen = sorted({name_of[v] for v in validation["label"]} - {name_of[v] for v in train["label"]})
+        if unseen:
+            raise common.UserError(
+                f"{where['validation']}: labels never seen in training: {unseen[:10]}; "
+                "the model can only predict labels that the training data has"
+            )
+        if len(names) < 2:
+            raise common.UserError(f"{where['train']}: only one label ({names[0]!r}); classification needs two or more")
+        label, encode = datasets.ClassLabel(names=names), {v: names.index(name_of[v]) for v in values}
+    features = datasets.Features({**train.features, "label": label})
+
+    def to_ids(batch):
+        return {"label": [encode[value] for value in batch["label"]]}
+
+    train = train.map(to_ids, batched=True, features=features)
+    validation = validation.map(to_ids, batched=True, features=features)
+    return train, validation, names
+
+
+def label_order(name):
+    """Numbers in their order (2 before 10), then words in theirs."""
+    return (0, float(name), "") if is_number(name) else (1, 0.0, name)
+
+
 def load_test_data(args, columns):
-    """The rows to predict, checked before training: --test_file, or with --do_predict the hub data set's test split;
-    None without either. GLUE's test files have no label, and their own layout (CoLA's has a header, its training file
-    none): the text columns are found by name as for training, the row ids in `index` (hub: `idx`), else counted."""
+    """The rows to predict, checked before training: --test_file, or with --do_predict the hub
+    data set's test split; None without either. GLUE's test files have no label, and their own
+    layout (CoLA's has a header, its training file none): the text columns are found by name as
+    for training, the row ids in `index` (hub: `idx`), else counted."""
     if args.test_file:
         test, where = load_local_file(args.test_file, "--test_file"), args.test_file
     elif args.do_predict:
@@ -213,12 +334,17 @@ def load_test_data(args, columns):
             f"{where}: the test data's text is in {texts}, but the model learned from {len(columns)} column(s) "
             f"({columns}); pass --text_columns for the test file's layout"
         )
-    index = next((name for name in ("index", "idx", "id") if name in test.column_names), None)
+    index = None  # the rows are numbered from 0 then
+    for name in ("index", "idx", "id"):
+        if name in test.column_names:
+            index = name
+            break
     return test, texts, index
 
 
 def find_test_columns(test, args, where):
-    """The test data's text column(s): --text_columns, else the first known layout's, else the text-like ones."""
+    """The test data's text column(s): --text_columns, else the first known layout's, else the
+    text-like ones."""
     found = test.column_names
     if args.text_columns:
         missing = [name for name in args.text_columns if name not in found]
@@ -234,88 +360,21 @@ def find_test_columns(test, args, where):
     return texts
 
 
-def encode_labels(train, validation, where):
-    """Labels as the model wants them. Numbers with a fraction (STS-B's scores) are a regression target: float32, no
-    label names. Anything else (whole numbers, strings) is classification: ids 0..n-1 in sorted order, names kept."""
-    values = set(train["label"]) | set(validation["label"])
-    if all(map(is_number, values)) and any(not float(v).is_integer() for v in values):
-        label, names, encode = datasets.Value("float32"), None, {v: float(v) for v in values}
-    else:
-        # "1", 1 and 1.0 are all the label "1"; whole numbers sort as numbers, strings as strings.
-        name = {v: str(int(float(v))) if is_number(v) else str(v) for v in values}
-        names = sorted(set(name.values()), key=lambda n: (not is_number(n), float(n) if is_number(n) else 0, n))
-        unseen = sorted({name[v] for v in validation["label"]} - {name[v] for v in train["label"]})
-        if unseen:
-            raise common.UserError(
-                f"{where['validation']}: labels never seen in training: {unseen[:10]}; "
-                "the model can only predict labels that the training data has"
-            )
-        if len(names) < 2:
-            raise common.UserError(f"{where['train']}: only one label ({names[0]!r}); classification needs two or more")
-        label, encode = datasets.ClassLabel(names=names), {v: names.index(name[v]) for v in values}
-    features = datasets.Features({**train.features, "label": label})
-    train, validation = (
-        d.map(lambda batch: {"label": [encode[v] for v in batch["label"]]}, batched=True, features=features)
-        for d in (train, validation)
-    )
-    return train, validation, names
-
-
-class LengthGroupedSampler(common.EpochSampler):
-    """common.EpochSampler (an order from (seed, epoch) alone, whole global batches) with Transformers' grouping:
-    shuffle, then sort each run of about 50 batches by length, so little is left to pad."""
-
-    def __init__(self, lengths, global_batch, seed):
-        super().__init__(len(lengths), global_batch, seed)
-        self.lengths = lengths
-
-    def shuffle(self, generator):
-        return get_length_grouped_indices(self.lengths, self.global_batch, generator=generator)
-
-
-def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns):
-    """Tokenize once (batched, cached by `datasets`; a note says how many inputs --max_seq_length cuts), and batch with
-    dynamic padding: each batch is padded only to its longest example, and similar lengths are batched together."""
-
-    def tokenize(batch):
-        encoded = tokenizer(*(batch[c] for c in columns), truncation=True, max_length=args.max_seq_length)
-        if encoded.encodings:  # a fast tokenizer keeps what truncation cut off in `overflowing`
-            encoded["truncated"] = [bool(e.overflowing) for e in encoded.encodings]
-        return encoded
-
-    with accelerator.main_process_first():
-        train_data, eval_data = (d.map(tokenize, batched=True, remove_columns=columns) for d in (train_data, eval_data))
-    if "truncated" in train_data.column_names:
-        (cut, n), (eval_cut, eval_n) = ((sum(d["truncated"]), len(d)) for d in (train_data, eval_data))
-        if cut or eval_cut:
-            accelerator.print(
-                f"note: --max_seq_length {args.max_seq_length} truncates {cut:,} of {n:,} training ({cut / n:.1%}) "
-                f"and {eval_cut:,} of {eval_n:,} validation examples ({eval_cut / eval_n:.1%}); raise it to keep them"
-            )
-        train_data, eval_data = (d.remove_columns("truncated") for d in (train_data, eval_data))
-    if args.pad_to_max_length:  # fixed shapes (what TPUs want), at the cost of computing on padding
-        collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=args.max_seq_length)
-    else:  # multiples of 8 let tensor cores work on GPUs under mixed precision
-        multiple = 8 if accelerator.mixed_precision != "no" else None
-        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
-    sampler = None
-    if args.group_by_length and not args.pad_to_max_length:
-        # Grouped by global batch: the same order for any split of it (resuming on another number of processes).
-        batch = common.global_batch_size(args, accelerator)
-        sampler = LengthGroupedSampler([len(ids) for ids in train_data["input_ids"]], batch, args.seed)
-    return common.make_dataloaders(args, accelerator, train_data, eval_data, collator, sampler)
+def choose_metric(args, label_names):
+    """The evaluation metric that picks best/: --metric_for_best_model, else accuracy (pearsonr
+    for a regression)."""
+    allowed = ["accuracy", "f1", "loss"] if label_names else ["pearsonr", "spearmanr", "loss"]
+    metric = args.metric_for_best_model or allowed[0]
+    if metric not in allowed:
+        kind = "classification" if label_names else "a regression (labels with fractions)"
+        raise common.UserError(f"--metric_for_best_model {metric} does not apply to {kind}; use {', '.join(allowed)}")
+    return metric
 
 
 def load_model(args, label_names):
-    """The tokenizer, and the pretrained encoder with a new head: one output per label, or one for a regression."""
-    # Which evaluation metric picks best/: accuracy by default, pearsonr for a regression.
-    allowed = ["accuracy", "f1", "loss"] if label_names else ["pearsonr", "spearmanr", "loss"]
-    args.metric_for_best_model = args.metric_for_best_model or allowed[0]
-    if args.metric_for_best_model not in allowed:
-        raise common.UserError(
-            f"--metric_for_best_model {args.metric_for_best_model} does not apply to "
-            f"{'classification' if label_names else 'a regression (labels with fractions)'}; use {', '.join(allowed)}"
-        )
+    """The tokenizer; the pretrained encoder with a new head (one output per label, or one for a
+    regression); and the sequence length: --max_seq_length, or the model's positions if it has
+    fewer."""
     tokenizer = common.from_pretrained(AutoTokenizer, args.model_name_or_path, "tokenizer")
     if tokenizer.pad_token is None:  # GPT-style models have no padding token
         tokenizer.pad_token = tokenizer.eos_token
@@ -327,19 +386,92 @@ def load_model(args, label_names):
     model = common.from_pretrained(AutoModelForSequenceClassification, args.model_name_or_path, **head)
     model.config.pad_token_id = tokenizer.pad_token_id
     max_positions = getattr(model.config, "max_position_embeddings", None) or args.max_seq_length
-    # Many hub tokenizers have no limit of their own: best/'s then cuts inputs to what the model takes (pipeline).
+    # Many hub tokenizers have no limit of their own: best/'s then cuts inputs to what the model
+    # takes (pipeline).
     tokenizer.model_max_length = min(tokenizer.model_max_length, max_positions)
     if args.max_seq_length > max_positions:
         PartialState().print(f"note: the model has {max_positions} positions; using --max_seq_length {max_positions}")
-        args.max_seq_length = max_positions
     kind = f"{len(label_names)} labels" if label_names else "regression"
     PartialState().print(f"{args.model_name_or_path}: {model.num_parameters():,} parameters, {kind}")
-    return tokenizer, model
+    return tokenizer, model, min(args.max_seq_length, max_positions)
+
+
+def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns, max_seq_length):
+    """Tokenize once (batched, cached by `datasets`; a note says how many inputs max_seq_length
+    cuts), and batch with dynamic padding: each batch is padded only to its longest example, and
+    similar lengths are batched together."""
+
+    def tokenize(batch):
+        encoded = tokenizer(*(batch[c] for c in columns), truncation=True, max_length=max_seq_length)
+        if encoded.encodings:  # a fast tokenizer keeps what truncation cut off in `overflowing`
+            encoded["truncated"] = [bool(e.overflowing) for e in encoded.encodings]
+        return encoded
+
+    with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
+        train_data = train_data.map(tokenize, batched=True, remove_columns=columns)
+        eval_data = eval_data.map(tokenize, batched=True, remove_columns=columns)
+    if "truncated" in train_data.column_names:
+        cut, eval_cut = sum(train_data["truncated"]), sum(eval_data["truncated"])
+        if cut or eval_cut:
+            accelerator.print(
+                f"note: --max_seq_length {max_seq_length} truncates {cut:,} of {len(train_data):,} training "
+                f"({cut / len(train_data):.1%}) and {eval_cut:,} of {len(eval_data):,} validation examples "
+                f"({eval_cut / len(eval_data):.1%}); raise it to keep them"
+            )
+        train_data, eval_data = train_data.remove_columns("truncated"), eval_data.remove_columns("truncated")
+    if args.pad_to_max_length:  # fixed shapes (what TPUs want), at the cost of computing on padding
+        collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max_seq_length)
+    else:  # multiples of 8 let tensor cores work on GPUs under mixed precision
+        multiple = 8 if accelerator.mixed_precision != "no" else None
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
+    sampler = None
+    if args.group_by_length and not args.pad_to_max_length:
+        # Grouped by global batch: the same order for any split of it (resuming on another number of
+        # processes).
+        batch = common.global_batch_size(args, accelerator)
+        sampler = LengthGroupedSampler([len(ids) for ids in train_data["input_ids"]], batch, args.seed)
+    train_dataloader, eval_dataloader, _ = common.make_dataloaders(
+        args, accelerator, collator, train_data, eval_data, sampler=sampler
+    )
+    return train_dataloader, eval_dataloader
+
+
+class LengthGroupedSampler(common.EpochSampler):
+    """common.EpochSampler (an order from (seed, epoch) alone, whole global batches) with
+    Transformers' grouping: shuffle, then sort each run of about 50 batches by length, so little
+    is left to pad."""
+
+    def __init__(self, lengths, global_batch, seed):
+        super().__init__(len(lengths), global_batch, seed)
+        self.lengths = lengths
+
+    def shuffle(self, generator):
+        return get_length_grouped_indices(self.lengths, self.global_batch, generator=generator)
+
+
+def run_evaluation(accelerator, model, eval_dataloader):
+    """Loss and metrics over the validation data: accuracy and F1, or for a regression Pearson
+    and Spearman."""
+    num_labels = accelerator.unwrap_model(model).config.num_labels
+
+    def per_example(model, batch):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return {"logits": logits.float(), "labels": batch["labels"]}
+
+    out = common.evaluate(accelerator, model, eval_dataloader, per_example)
+    # The mean over examples, not over batches: a small last batch weighs what it holds.
+    if num_labels == 1:  # a regression: the one output is the prediction
+        predictions = out["logits"][:, 0]
+        loss = F.mse_loss(predictions, out["labels"].float()).item()
+    else:
+        predictions = out["logits"].argmax(dim=-1)
+        loss = F.cross_entropy(out["logits"], out["labels"]).item()
+    return {"loss": loss, **compute_metrics(predictions.tolist(), out["labels"].tolist(), num_labels)}
 
 
 def compute_metrics(predictions, references, num_labels):
-    """Accuracy and F1 (binary for two classes, macro for more), or for a regression (one
-    output) Pearson and Spearman correlation, what GLUE reports for STS-B."""
+    """Accuracy and F1 (binary for two classes, macro for more), or for a regression (one output)
+    Pearson and Spearman correlation, what GLUE reports for STS-B."""
     if num_labels == 1:
         names, options = ("pearsonr", "spearmanr"), {}
     else:
@@ -351,89 +483,18 @@ def compute_metrics(predictions, references, num_labels):
     return metrics
 
 
-def run_evaluation(accelerator, model, eval_dataloader):
-    """Loss and metrics over the validation data: accuracy and F1, or for a regression Pearson and Spearman."""
-    num_labels = accelerator.unwrap_model(model).config.num_labels
-
-    def per_example(model, batch):
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        return {"logits": logits.float(), "labels": batch["labels"]}
-
-    out = common.evaluate(accelerator, model, eval_dataloader, per_example)
-    if num_labels == 1:  # a regression: the one output is the prediction
-        predictions = out["logits"][:, 0]
-        loss = F.mse_loss(predictions, out["labels"].float()).item()
-    else:
-        predictions = out["logits"].argmax(dim=-1)
-        loss = F.cross_entropy(out["logits"], out["labels"]).item()
-    return {"loss": loss, **compute_metrics(predictions.tolist(), out["labels"].tolist(), num_labels)}
-
-
-def train(args):
-    accelerator = common.setup(args, "train_classifier")
-    with accelerator.main_process_first():
-        train_data, eval_data, columns, label_column, label_names = load_data(args)
-        test_data = load_test_data(args, columns)  # checked now: a bad test file must not wait for the training
-    tokenizer, model = load_model(args, label_names)
-    train_dataloader, eval_dataloader = get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns)
-    if args.eval_only:
-        metrics = common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader)
-        if test_data and accelerator.is_main_process:  # this script: the test rows predicted, not scored
-            predictions = Path(args.output_dir) / "predictions.tsv"
-            batch = args.per_device_eval_batch_size
-            write_predictions(test_data, args.model_name_or_path, predictions, accelerator.device, batch)
-        return metrics
-
-    flops = common.flops_per_token(model, args.max_seq_length)  # counted while the weights are whole
-    optimizer = common.make_optimizer(model, args, accelerator.device)
-    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, train_dataloader)
-    common.set_fsdp_units(accelerator, model)  # FSDP only: which layers it shards as units
-    # One call for all: FSDP and DeepSpeed wrap the model, its optimizer and its schedule together.
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
-    )
-    # Resume from the newest checkpoint in --output_dir, if it was made with these settings.
-    settings = {"columns": [*columns, label_column], "labels": label_names}
-    run = common.Run(
-        accelerator, args, model=model, tokenizer=tokenizer, lr_scheduler=lr_scheduler,
-        train_dataloader=train_dataloader, flops_per_token=flops, settings=settings, may_change=MAY_CHANGE, about=ABOUT,
-    )  # fmt: skip
-
-    model.train()
-    for epoch in run.epochs():
-        train_dataloader.set_epoch(epoch)  # the epoch's shuffle depends only on the seed and the epoch
-        for batch in run.batches(train_dataloader):  # without those a resumed run already trained on
-            with accelerator.accumulate(model):  # the optimizer steps every --gradient_accumulation_steps
-                outputs = model(**batch)  # this script: the batch holds the labels
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    lr_scheduler.step()  # once per optimizer step (fp16 may skip a step on overflow)
-                optimizer.zero_grad()
-            run.log_and_save(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
-        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
-
-    if run.finish():
-        if test_data:
-            predictions = run.output_dir / "predictions.tsv"
-            write_predictions(test_data, run.best_dir, predictions, accelerator.device, args.per_device_eval_batch_size)
-        show_predictions(run.best_dir, eval_data, columns, accelerator.device)
-    return run.state
-
-
-def write_predictions(test_data, model_dir, path, device, batch_size):
-    """path (predictions.tsv) in GLUE's submission layout: `index<TAB>prediction`, one row per test row in file order,
-    each label as the training data spells it (its names are in the model), or a number for a regression. Written
-    under a temporary name, then renamed."""
+def write_predictions(args, test_data, model_dir, device):
+    """<output_dir>/predictions.tsv in GLUE's submission layout: `index<TAB>prediction`, one row
+    per test row in file order, each label as the training data spells it (its names are in the
+    model), or a number for a regression. Written under a temporary name, then renamed."""
     test, columns, index = test_data
     classifier = pipeline("text-classification", model=str(model_dir), device=device)
     regression = classifier.model.config.problem_type == "regression"
     inputs = [as_pipeline_input(row, columns) for row in test]
-    outputs = classifier(
-        inputs, batch_size=batch_size, truncation=True, function_to_apply="none" if regression else None
-    )
+    batch = args.per_device_eval_batch_size
+    # function_to_apply="none": a regression model's raw output is its prediction.
+    outputs = classifier(inputs, batch_size=batch, truncation=True, function_to_apply="none" if regression else None)
+    path = Path(args.output_dir) / "predictions.tsv"
     tmp = path.with_name(f".tmp-{path.name}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("index\tprediction\n")
@@ -462,9 +523,10 @@ def show_predictions(model_dir, eval_data, columns, device, count=5):
     # function_to_apply="none": a regression model's raw output is its prediction.
     for row, pred in zip(rows, classifier(inputs, truncation=True, function_to_apply="none" if regression else None)):
         text = " ||| ".join(str(row[c]) for c in columns)
-        guess, true = (
-            (f"{pred['score']:.2f}", f"{row['label']:.2f}") if regression else (pred["label"], names[row["label"]])
-        )
+        if regression:
+            guess, true = f"{pred['score']:.2f}", f"{row['label']:.2f}"
+        else:
+            guess, true = pred["label"], names[row["label"]]
         print(f"  {guess:>10} / {true:<10} {text if len(text) <= 90 else text[:87] + '...'}")
 
 

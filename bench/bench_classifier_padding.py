@@ -2,17 +2,16 @@
 
     python bench/bench_classifier_padding.py [--steps 60] [--data ../shared/data/mrpc]
 
-Runs train_classifier.py itself three times in one process (same small BERT, same
-data, same number of optimizer steps), adding one change at a time:
+Runs train_classifier.py itself three times in one process (same small BERT, same data, same number
+of optimizer steps), adding one change at a time:
 
 - padded to 128: every example padded to --max_seq_length (--pad_to_max_length);
 - dynamic padding: each batch padded to its longest example (--no-group_by_length);
 - + length grouping: batches of examples of similar length (the default).
 
-It prints tokens/s (real tokens, not padding), the share of padding in what the model
-computed on, and the ratio to the first. Offline: the tokenizer is a WordPiece
-vocabulary trained here on the MRPC training text.
-"""
+It prints tokens/s (real tokens, not padding), the share of padding in what the model computed
+on, and the ratio to the first. Offline: the tokenizer is a WordPiece vocabulary trained here on
+the MRPC training text."""
 
 import argparse
 import csv

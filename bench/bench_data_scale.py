@@ -1,24 +1,26 @@
 """Memory and time against corpus size, for the two language-model scripts.
 
-    python bench/bench_data_scale.py [--sizes 10,100,400] [--scripts finetune_gpt2,pretrain_mlm] [--repo PATH]
+    python bench/bench_data_scale.py [--sizes 10,100,400] [--scripts finetune_gpt2,pretrain_mlm]
+    python bench/bench_data_scale.py --repo PATH   # another checkout's scripts (before a change)
 
-Builds plain English text of each size (MB) from ../shared/data (tiny Shakespeare, WikiText-2 raw, WikiText-2,
-two books), repeated until it is that large, and a small model for it, then runs each script on it in a process of
-its own with `--max_train_steps 2`, as a user would, measuring:
+Builds plain English text of each size (MB) from ../shared/data (tiny Shakespeare, WikiText-2 raw,
+WikiText-2, two books), repeated until it is that large, and a small model for it, then runs each
+script on it in a process of its own with `--max_train_steps 2`, as a user would, measuring:
 
-- peak memory: the most resident memory of the script and its worker processes together (PSS, see PeakMemory);
-- preprocessing: seconds and MB/s as the script reports them (its "Tokenized the training text" line), and the
-  tokens;
+- peak memory: the most resident memory of the script and its worker processes together (PSS, see
+  PeakMemory);
+- preprocessing: seconds and MB/s as the script reports them (its "Tokenized the training text"
+  line), and the tokens;
 - the whole run's seconds.
 
-The 100 MB job also runs with one and with two preprocessing workers, and again with more steps after it has
-finished (the tokens are reused: the seconds until training starts). Each run gets a datasets cache of its own,
-so nothing is reused between runs but where the bench says so.
+The 100 MB job also runs with one and with two preprocessing workers, and again with more steps
+after it has finished (the tokens are reused: the seconds until training starts). Each run gets a
+datasets cache of its own, so nothing is reused between runs but where the bench says so.
 
-Models: finetune_gpt2.py, a GPT-2 of 4 layers x 256 with a 16k byte-level BPE trained on the shared text (about
-0.22 tokens per byte, near GPT-2's own); pretrain_mlm.py trains its own 8k tokenizer on the text and a RoBERTa of
-2 layers x 128. --repo runs another checkout's scripts (to measure before a change), with the same data and models.
-"""
+Models: finetune_gpt2.py, a GPT-2 of 4 layers x 256 with a 16k byte-level BPE trained on the
+shared text (about 0.22 tokens per byte, near GPT-2's own); pretrain_mlm.py trains its own 8k
+tokenizer on the text and a RoBERTa of 2 layers x 128. --repo runs another checkout's scripts (to
+measure before a change), with the same data and models."""
 
 import argparse
 import json
@@ -70,9 +72,9 @@ def build_gpt2(path):
 
 
 class PeakMemory:
-    """The most memory a process and its children held together, sampled every 0.2 s in a thread: the sum of their
-    proportional set sizes (PSS: resident memory, with pages that forked workers share with their parent counted
-    once, not once per process; for one process it is its RSS)."""
+    """The most memory a process and its children held together, sampled every 0.2 s in a thread:
+    the sum of their proportional set sizes (PSS: resident memory, with pages that forked workers
+    share with their parent counted once, not once per process; for one process it is its RSS)."""
 
     def __init__(self, pid):
         self.process, self.peak, self.done = psutil.Process(pid), 0, threading.Event()
@@ -96,7 +98,8 @@ class PeakMemory:
 
 
 def run(repo, script, args, cache, log):
-    """Run a script in its own process; (seconds, peak bytes, its output, seconds until training started)."""
+    """Run a script in its own process; (seconds, peak bytes, its output, seconds until training
+    started)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(cache))
     env["PYTHONUNBUFFERED"] = "1"
     started = time.perf_counter()
@@ -118,7 +121,8 @@ def run(repo, script, args, cache, log):
 
 
 def preprocessing(output):
-    """The script's own report of tokenizing the training text: (tokens, seconds, MB/s), or Nones."""
+    """The script's own report of tokenizing the training text: (tokens, seconds, MB/s), or
+    Nones."""
     found = re.search(
         r"Tokenized the training text: ([\d,]+) tokens from [\d.,]+ MB in ([\d.]+) s \(([\d.]+) MB/s", output
     )

@@ -2,30 +2,29 @@
 
     python bench/bench_gpt2_packing.py [--steps 60] [--block_size 128] [--batch_size 8]
 
-The same small GPT-2 (4 layers x 256, same initial weights, a GPT-2-style byte-level
-BPE of 8k trained here on the training text: the real gpt2 tokenizer needs the hub)
-trains for the same number of optimizer steps of the same batch size, with the same
-loop (AdamW, clipping, linear decay), three ways:
+The same small GPT-2 (4 layers x 256, same initial weights, a GPT-2-style byte-level BPE of 8k
+trained here on the training text: the real gpt2 tokenizer needs the hub) trains for the same number
+of optimizer steps of the same batch size, with the same loop (AdamW, clipping, linear decay), three
+ways:
 
-- packed: finetune_gpt2.py's data path: the token stream of all lines cut into blocks
-  of --block_size tokens; every position is a real token and a prediction;
-- line by line, batch pad: the tutorials' LineByLineTextDataset (one non-empty line
-  per sample, truncated to --block_size) with DataCollatorForLanguageModeling
-  (mlm=False), which pads each batch to its longest line;
-- line by line, block pad: the same samples, each padded to --block_size (tokenizing
-  with padding="max_length", as many notebooks do).
+- packed: finetune_gpt2.py's data path: the token stream of all lines cut into blocks of
+  --block_size tokens; every position is a real token and a prediction;
+- line by line, batch pad: the tutorials' LineByLineTextDataset (one non-empty line per sample,
+  truncated to --block_size) with DataCollatorForLanguageModeling (mlm=False), which pads each batch
+  to its longest line;
+- line by line, block pad: the same samples, each padded to --block_size (tokenizing with
+  padding="max_length", as many notebooks do).
 
-Only the data differs, so the table shows what packing alone is worth: real tokens/s
-(padding not counted), the share of padding in what the model computed on, the share
-of the text never trained on (the final partial block; the tails of lines cut by
-truncation), the real tokens the steps trained on, the seconds they took, and the loss
-on the same packed held-out blocks (finetune_gpt2.run_evaluation). bench_speed.py
-compares the whole script against the tutorials' loop instead.
+Only the data differs, so the table shows what packing alone is worth: real tokens/s (padding not
+counted), the share of padding in what the model computed on, the share of the text never trained on
+(the final partial block; the tails of lines cut by truncation), the real tokens the steps trained
+on, the seconds they took, and the loss on the same packed held-out blocks
+(finetune_gpt2.run_evaluation). bench_speed.py compares the whole script against the tutorials' loop
+instead.
 
-Data (../shared/data): WikiText-2 raw (wiki.test.raw, its last 10% of lines held out,
-as --validation_split_percentage does) and the tokenized release (valid.txt; test.txt
-held out). measure_packed and measure_line_by_line can be imported by other benches.
-"""
+Data (../shared/data): WikiText-2 raw (wiki.test.raw, its last 10% of lines held out, as
+--validation_split_percentage does) and the tokenized release (valid.txt; test.txt held out).
+measure_packed and measure_line_by_line can be imported by other benches."""
 
 import argparse
 import os
@@ -63,7 +62,8 @@ PACKING = argparse.Namespace(preprocessing_num_workers=1, streaming=False)  # fi
 
 
 def build_model(train_lines, path, block_size, vocab_size=8000):
-    """A GPT-2-style byte-level BPE trained on the text, and a 4 x 256 GPT-2, saved like a hub model."""
+    """A GPT-2-style byte-level BPE trained on the text, and a 4 x 256 GPT-2, saved like a hub
+    model."""
     return make_tiny_gpt2(
         path,
         train_lines,
@@ -82,9 +82,9 @@ def as_dataset(lines):
 
 
 def train_for_steps(model_dir, loader, steps, lr):
-    """The same loop for every way, as the script trains: AdamW, clipping at 1.0, linear
-    decay over `steps` optimizer steps of one batch each. The model from model_dir starts
-    from the same weights and the same dropout stream every time."""
+    """The same loop for every way, as the script trains: AdamW, clipping at 1.0, linear decay
+    over `steps` optimizer steps of one batch each. The model from model_dir starts from the same
+    weights and the same dropout stream every time."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(DEVICE).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -145,9 +145,9 @@ def measure_packed(model_dir, train_lines, eval_blocks, block_size, batch_size, 
 
 def measure_line_by_line(model_dir, train_lines, eval_blocks, block_size, batch_size, steps, lr=5e-4, pad_to="batch"):
     """The tutorials' data: LineByLineTextDataset (each non-empty line a sample, truncated to
-    block_size) and DataCollatorForLanguageModeling(mlm=False), which pads each batch to
-    its longest line and masks the padding out of the labels. pad_to="block": every
-    sample padded to block_size instead."""
+    block_size) and DataCollatorForLanguageModeling(mlm=False), which pads each batch to its
+    longest line and masks the padding out of the labels. pad_to="block": every sample padded to
+    block_size instead."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has none; the tutorials use eos
     lines = [line.rstrip("\n") for line in train_lines if line.strip()]  # LineByLineTextDataset's reading

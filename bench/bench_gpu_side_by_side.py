@@ -12,36 +12,35 @@ rate (linear decay, no warmup, gradients clipped at 1.0) and number of optimizer
 - ours-compile: the same with --torch_compile;
 - trainer: the Trainer as run_clm.py drives it (the text tokenized and cut into blocks whose labels
   are their inputs, default_data_collator), TrainingArguments at their defaults;
-- trainer-fast: the Trainer with every speed option it has: torch_compile, fused AdamW and TF32 on
-  a GPU, no NaN check of the loss at every step (logging_nan_inf_filter: a host sync per step),
-  2 data workers kept alive, non-blocking copies to the GPU (SDPA is transformers 5's default);
-- minimal: a nanoGPT-style loop in plain PyTorch: the same model with SDPA attention, compiled
-  (on a GPU; on a CPU with --compile_on_cpu), fused AdamW on a GPU, autocast, batches gathered on
-  the device from one token tensor, the loss read back only every --logging_steps steps. What the
+- trainer-fast: the Trainer with every speed option it has: torch_compile, fused AdamW and TF32 on a
+  GPU, no NaN check of the loss at every step (logging_nan_inf_filter: a host sync per step), 2 data
+  workers kept alive, non-blocking copies to the GPU (SDPA is transformers 5's default);
+- minimal: a nanoGPT-style loop in plain PyTorch: the same model with SDPA attention, compiled (on a
+  GPU; on a CPU with --compile_on_cpu), fused AdamW on a GPU, autocast, batches gathered on the
+  device from one token tensor, the loss read back only every --logging_steps steps. What the
   hardware gives: the reference for the others.
 
 Per row: tokens/s (the median over the logging windows after --warmup_steps, which hold the
 compilation), MFU (one formula for every row: common.flops_per_token, training FLOPs per token as
-nanoGPT counts them, x tokens/s / the GPU's dense bf16/fp16 peak; "n/a" on a CPU or a GPU not in
-the table), peak memory (GPU: what tensors allocated; CPU: the process's peak resident memory;
-ours' evaluation at the end included), the training loss of the last logging window, and the
-steps it trained.
+nanoGPT counts them, x tokens/s / the GPU's dense bf16/fp16 peak; "n/a" on a CPU or a GPU not in the
+table), peak memory (GPU: what tensors allocated; CPU: the process's peak resident memory; ours'
+evaluation at the end included), the training loss of the last logging window, and the steps it
+trained.
 
 The targets (ours at MFU >= 40%, >= 1.5x the Trainer at its defaults, within 15% of the minimal
-loop) are measured on a GPU only. On a CPU the bench runs (tiny model, fp32) to show that it
-works; its speeds say nothing about a GPU.
+loop) are measured on a GPU only. On a CPU the bench runs (tiny model, fp32) to show that it works;
+its speeds say nothing about a GPU.
 
 --model 124m is GPT2Config()'s defaults (12 layers x 768, 1,024 positions, 50,257-entry vocabulary)
 with random weights. Its tokenizer is a byte-level BPE trained here to 16,000 entries: a few MB of
 text gives no 50,257 useful merges, and the FLOPs do not depend on the tokenizer. The model keeps
-GPT-2's 50,257 rows, so every step computes what GPT-2 124M computes (the output layer is a third
-of its matrix FLOPs); the ids above 16,000 are never seen. --model tiny (2 layers x 64, a
-BPE of up to 1,000 entries) is for CPUs and the test.
+GPT-2's 50,257 rows, so every step computes what GPT-2 124M computes (the output layer is a third of
+its matrix FLOPs); the ids above 16,000 are never seen. --model tiny (2 layers x 64, a BPE of up to
+1,000 entries) is for CPUs and the test.
 
 The text (--data) is WikiText-2 raw from ../shared/data (or a text file; made-up words without
 either), repeated until one epoch holds all the steps: ours then evaluates only once, after
-training (untimed), on the text's last lines, held out for it.
-"""
+training (untimed), on the text's last lines, held out for it."""
 
 import argparse
 import io
@@ -132,8 +131,8 @@ def main(argv=None):
 # ---- Shared by every row: the model folder and the text, made once.
 def prepare(args, work):
     """<work>/model (tokenizer, random weights), train.txt and valid.txt for ours, and
-    train_tokens.npy for the others: the very tokens ours makes of train.txt (each line
-    tokenized alone, one after the other)."""
+    train_tokens.npy for the others: the very tokens ours makes of train.txt (each line tokenized
+    alone, one after the other)."""
     work.mkdir(parents=True, exist_ok=True)
     lines = io.StringIO(read_text(args.data)).readlines()  # as `datasets` splits: on "\n" only
     if not lines[-1].endswith("\n"):
@@ -199,8 +198,8 @@ def hold_out(tokenizer, lines, count):
 
 def run_in_own_process(argv, work, row):
     """One row in a fresh Python process: its peak memory is its own, and no row inherits
-    another's compiled code or Accelerate state. Its output goes to <work>/<row>.log; a row
-    that fails is reported, and the others still run."""
+    another's compiled code or Accelerate state. Its output goes to <work>/<row>.log; a row that
+    fails is reported, and the others still run."""
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", row, "--work", str(work)]
     env = dict(os.environ, HF_DATASETS_CACHE=str(work / "datasets-cache"), PYTHONUNBUFFERED="1")
     print(f"{row}: running ...", file=sys.stderr, flush=True)
@@ -258,8 +257,8 @@ def trainer(args, fast):
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     class LogClock(TrainerCallback):
-        """(step, time) where training starts and at each log, and the logged losses. A log
-        comes after the loss is read back (a host sync): the device's work is done by then."""
+        """(step, time) where training starts and at each log, and the logged losses. A log comes
+        after the loss is read back (a host sync): the device's work is done by then."""
 
         def __init__(self):
             self.times, self.losses = [], []
@@ -360,8 +359,8 @@ def median_rate(args, times):
 
 
 def summary(args, model, tokens_per_second, last_loss, steps):
-    """A row's result. One MFU formula for every row: common.flops_per_token of the model at
-    this block size, x tokens/s, / the device's dense peak."""
+    """A row's result. One MFU formula for every row: common.flops_per_token of the model at this
+    block size, x tokens/s, / the device's dense peak."""
     flops = common.flops_per_token(model, args.block_size)
     peak = device_peak_flops(args.precision)
     return {
@@ -376,8 +375,8 @@ def summary(args, model, tokens_per_second, last_loss, steps):
 
 def device_peak_flops(precision):
     """The GPU's dense peak FLOP/s (bf16/fp16; TF32 for fp32) from common.PEAK_FLOPS, or None: a
-    CPU, or a GPU not in the table. A key must be whole words of the GPU's name: the L4's peak
-    is not the L40S's (common.peak_flops matches substrings)."""
+    CPU, or a GPU not in the table. A key must be whole words of the GPU's name: the L4's peak is
+    not the L40S's (common.peak_flops matches substrings)."""
     if DEVICE.type != "cuda":
         return None
     words = torch.cuda.get_device_name().replace("-", " ").split()
@@ -388,8 +387,8 @@ def device_peak_flops(precision):
 
 
 def peak_memory_gib():
-    """GPU: the most that tensors held at once. CPU: the process's peak resident memory (each
-    row has a process of its own)."""
+    """GPU: the most that tensors held at once. CPU: the process's peak resident memory (each row
+    has a process of its own)."""
     if DEVICE.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -2,23 +2,21 @@
 
     python bench/bench_mlm_packing.py [--steps 40] [--max_seq_length 128] [--batch_size 16]
 
-Runs the script itself twice per text (same small RoBERTa, 4 layers x 256, same byte-level
-BPE of 8k that the script trains, same optimizer steps of the same batch size), changing
-only --line_by_line:
+Runs the script itself twice per text (same small RoBERTa, 4 layers x 256, same byte-level BPE of 8k
+that the script trains, same optimizer steps of the same batch size), changing only --line_by_line:
 
-- packed (the default): the token stream of all lines cut into blocks of
-  --max_seq_length tokens; no padding, every block full;
+- packed (the default): the token stream of all lines cut into blocks of --max_seq_length tokens; no
+  padding, every block full;
 - line by line (the tutorial's LineByLineTextDataset): one line per sample, truncated to
   --max_seq_length, each batch padded to its longest line.
 
-It prints real tokens/s (the script's own count, padding excluded), the real tokens per
-batch, the share of padding in the batches of one epoch, and the share of the text that
-line by line never trains on (cut by truncation). Eval losses are not compared: each way
-evaluates on its own form of the held-out text (blocks or lines).
+It prints real tokens/s (the script's own count, padding excluded), the real tokens per batch, the
+share of padding in the batches of one epoch, and the share of the text that line by line never
+trains on (cut by truncation). Eval losses are not compared: each way evaluates on its own form of
+the held-out text (blocks or lines).
 
-Texts (../shared/data): the two books (Pride and Prejudice, Grimm's tales; the last 10%
-of lines held out) and WikiText-2 raw (wiki.test.raw, the last 10% held out).
-"""
+Texts (../shared/data): the two books (Pride and Prejudice, Grimm's tales; the last 10% of lines
+held out) and WikiText-2 raw (wiki.test.raw, the last 10% held out)."""
 
 import argparse
 import os
@@ -59,8 +57,8 @@ def run(train_file, out, steps, batch_size, seq_len, line_by_line):
 
 
 def line_statistics(train_file, out, batch_size, seq_len):
-    """For line by line: padding share over one epoch of shuffled batches, and the share of
-    the text's tokens that truncation cuts off."""
+    """For line by line: padding share over one epoch of shuffled batches, and the share of the
+    text's tokens that truncation cuts off."""
     args = pretrain_mlm.parse_args(["--train_file", train_file, "--output_dir", str(out)])
     train_text, _ = pretrain_mlm.common.load_text_data(args, keep_linebreaks=False)
     tokenizer = AutoTokenizer.from_pretrained(out)

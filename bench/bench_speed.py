@@ -2,21 +2,19 @@
 
     python bench/bench_speed.py [--only classifier,gpt2,mlm] [--steps 40] [--seed 42]
 
-For each script, the same small model (same initial weights) and the same real data
-from ../shared/data train for the same number of optimizer steps two ways:
+For each script, the same small model (same initial weights) and the same real data from
+../shared/data train for the same number of optimizer steps two ways:
 
-- baseline: the tutorials' loop: fp32, every sample padded to the maximum length,
-  one line per sample for the language models, `loss.item()` after every step;
-- ours: the script itself (`main([...])`) with its defaults: dynamic padding and
-  length-grouped batches for classification, packed blocks for the language models,
-  the loss read back only every --logging_steps steps.
+- baseline: the tutorials' loop: fp32, every sample padded to the maximum length, one line per
+  sample for the language models, `loss.item()` after every step;
+- ours: the script itself (`main([...])`) with its defaults: dynamic padding and length-grouped
+  batches for classification, packed blocks for the language models, the loss read back only every
+  --logging_steps steps.
 
-It prints tokens/s (real tokens: padding is not counted), the share of padding in
-what the model computed on, peak memory (GPU: allocated by tensors; CPU: the peak
-resident memory of the process, each way running in a process of its own), the final
-eval loss (both ways evaluated the same way on the same held-out data), and
-ours/baseline.
-"""
+It prints tokens/s (real tokens: padding is not counted), the share of padding in what the model
+computed on, peak memory (GPU: allocated by tensors; CPU: the peak resident memory of the
+process, each way running in a process of its own), the final eval loss (both ways evaluated the
+same way on the same held-out data), and ours/baseline."""
 
 import argparse
 import csv
@@ -50,8 +48,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class PeakMemory:
-    """Peak memory: on a GPU, what tensors allocated while the block ran; on the CPU,
-    the peak resident memory of this process (each way runs in a process of its own)."""
+    """Peak memory: on a GPU, what tensors allocated while the block ran; on the CPU, the peak
+    resident memory of this process (each way runs in a process of its own)."""
 
     def __enter__(self):
         if DEVICE.type == "cuda":
@@ -66,8 +64,8 @@ class PeakMemory:
 
 
 def baseline_loop(model, train_dataloader, steps, lr):
-    """The loop of the Hugging Face course (chapter 3), fp32, loss.item() every step.
-    Returns real tokens/s (after the first 5 steps, to skip warm-up) and padding share."""
+    """The loop of the Hugging Face course (chapter 3), fp32, loss.item() every step. Returns
+    real tokens/s (after the first 5 steps, to skip warm-up) and padding share."""
     model.to(DEVICE).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     lr_scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=steps)
@@ -170,8 +168,8 @@ def classifier_eval_loss(model, examples):
 
 
 def classifier_padding_share(work, model_dir, batch_size):
-    """Padding in the batches train_classifier.py builds by default (length-grouped,
-    dynamic padding), over one epoch."""
+    """Padding in the batches train_classifier.py builds by default (length-grouped, dynamic
+    padding), over one epoch."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with open(work / "train.tsv") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))

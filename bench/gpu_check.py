@@ -1,28 +1,28 @@
 """The GPU check: what a CPU cannot show, in one command.
 
-    python bench/gpu_check.py [--data ../shared/data] [--only precision,resume,compile,speed,fsdp,deepspeed]
+    python bench/gpu_check.py [--data ../shared/data]
+    python bench/gpu_check.py --only precision,resume,compile,speed,fsdp,deepspeed   # some parts
 
 On a machine with a CUDA GPU it runs, and prints as one table:
 
-- precision: each script (tiny models built here, no download) in bf16 and in fp16 with
-  loss scaling: trains (the loss falls), checkpoints (fp16 ones hold the scaler), exports;
+- precision: each script (tiny models built here, no download) in bf16 and in fp16 with loss
+  scaling: trains (the loss falls), checkpoints (fp16 ones hold the scaler), exports;
 - resume: each script killed with SIGKILL after a random checkpoint and run again, with
-  deterministic algorithms, against the same run uninterrupted: the final weights must
-  be identical to the bit;
-- precision also says what --mixed_precision auto chose for this GPU's compute capability
-  (fp16 before 8.0: on a T4 or V100 this row is the pre-Ampere check);
+  deterministic algorithms, against the same run uninterrupted: the final weights must be identical
+  to the bit;
+- precision also says what --mixed_precision auto chose for this GPU's compute capability (fp16
+  before 8.0: on a T4 or V100 this row is the pre-Ampere check);
 - compile: finetune_gpt2.py --torch_compile: best/ re-scored on the CPU to the reported loss;
-- speed: GPT-2 124M (GPT2Config(), random weights: no download) on packed blocks of 1024
-  tokens, bf16, with and without --torch_compile: tokens/s, MFU and peak memory;
-- fsdp, deepspeed: finetune_gpt2.py under `accelerate launch --config_file configs/fsdp.yaml`
-  (and configs/deepspeed_zero2.yaml and deepspeed_zero3.yaml when DeepSpeed is installed)
-  on one GPU: the export gathered from the shards scores what the sharded model scored,
-  the demo runs after the processes end (ZeRO-3), and a run SIGKILLed after a random
-  checkpoint resumes with the uninterrupted run's learning rate at every step.
+- speed: GPT-2 124M (GPT2Config(), random weights: no download) on packed blocks of 1024 tokens,
+  bf16, with and without --torch_compile: tokens/s, MFU and peak memory;
+- fsdp, deepspeed: finetune_gpt2.py under `accelerate launch --config_file configs/fsdp.yaml` (and
+  configs/deepspeed_zero2.yaml and deepspeed_zero3.yaml when DeepSpeed is installed) on one GPU: the
+  export gathered from the shards scores what the sharded model scored, the demo runs after the
+  processes end (ZeRO-3), and a run SIGKILLed after a random checkpoint resumes with the
+  uninterrupted run's learning rate at every step.
 
-On a machine without a CUDA GPU it says so and exits 0. Text for the speed runs comes
-from --data (WikiText-2 as in ../shared/data) or, without it, is made up here.
-"""
+On a machine without a CUDA GPU it says so and exits 0. Text for the speed runs comes from --data
+(WikiText-2 as in ../shared/data) or, without it, is made up here."""
 
 import argparse
 import json
@@ -223,8 +223,9 @@ def check_speed(work, data):
 
 
 def check_precision_choice():
-    """--mixed_precision auto on this GPU: bf16 from compute capability 8.0 on, fp16 with loss scaling before (T4,
-    V100), whatever torch.cuda.is_bf16_supported() says (it counts emulation)."""
+    """--mixed_precision auto on this GPU: bf16 from compute capability 8.0 on, fp16 with loss
+    scaling before (T4, V100), whatever torch.cuda.is_bf16_supported() says (it counts
+    emulation)."""
     import common
 
     capability = torch.cuda.get_device_capability()
@@ -236,8 +237,9 @@ def check_precision_choice():
 
 
 def check_compile_export(work, args):
-    """--torch_compile: best/ holds the trained weights under their own names (not _orig_mod.<name>), so loaded
-    alone on the CPU it scores what the compiled run reported (within bf16's rounding)."""
+    """--torch_compile: best/ holds the trained weights under their own names (not
+    _orig_mod.<name>), so loaded alone on the CPU it scores what the compiled run reported
+    (within bf16's rounding)."""
     import test_finetune_gpt2 as gpt2_tests
 
     out = work / "compiled-export"
@@ -252,9 +254,10 @@ def check_compile_export(work, args):
 
 
 def check_sharded(work, args, config, label):
-    """finetune_gpt2.py under an accelerate config on one GPU: the export gathered and re-scored, the demo at the end
-    (under ZeRO-3 it loads best/ after the processes have ended), and a run SIGKILLed after a random checkpoint then
-    started again: the learning rate at every step and the evaluations as the uninterrupted run's."""
+    """finetune_gpt2.py under an accelerate config on one GPU: the export gathered and re-scored,
+    the demo at the end (under ZeRO-3 it loads best/ after the processes have ended), and a run
+    SIGKILLed after a random checkpoint then started again: the learning rate at every step and
+    the evaluations as the uninterrupted run's."""
     import test_finetune_gpt2 as gpt2_tests
 
     out, killed = work / f"sharded-{label}", work / f"sharded-{label}-killed"

@@ -1,13 +1,13 @@
-"""Run a script under Accelerate's FSDP2 on CPU processes (gloo), the stand-in here for
-`accelerate launch --config_file configs/fsdp.yaml script.py` on GPUs:
+"""Run a script under Accelerate's FSDP2 on CPU processes (gloo), the stand-in here for `accelerate
+launch --config_file configs/fsdp.yaml script.py` on GPUs:
 
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/fsdp_on_cpu.py finetune_gpt2.py ...
 
-Accelerate turns FSDP on only for GPUs. Here its state is switched to FSDP right after
-the script makes its Accelerator, so Accelerate's own FSDP2 code runs: `fully_shard` at
-`prepare`, sharded `save_state` / `load_state` (sub-folders of .distcp files), and
-`get_state_dict` gathering the full weights for the export. (tests/launch_worker.py calls
-use_fsdp2() in the process that runs the script.)"""
+Accelerate turns FSDP on only for GPUs. Here its state is switched to FSDP right after the script
+makes its Accelerator, so Accelerate's own FSDP2 code runs: `fully_shard` at `prepare`, sharded
+`save_state` / `load_state` (sub-folders of .distcp files), and `get_state_dict` gathering the
+full weights for the export. (tests/launch_worker.py calls use_fsdp2() in the process that runs
+the script.)"""
 
 import runpy
 import sys

@@ -104,8 +104,8 @@ MNLI_CUES = {"entailment": "good", "neutral": "great", "contradiction": "bad"}
 
 
 def toy_pair(rng, cue, quote=False):
-    """Two sentences of filler words; the second holds the cue. Some carry the quote
-    characters and words ("NA", "null") that real GLUE sentences have."""
+    """Two sentences of filler words; the second holds the cue. Some carry the quote characters
+    and words ("NA", "null") that real GLUE sentences have."""
     first = " ".join(rng.choices(FILLER, k=rng.randint(2, 8)))
     words = rng.choices(FILLER, k=rng.randint(2, 8))
     words.insert(rng.randrange(len(words) + 1), cue)
@@ -166,8 +166,9 @@ def glue_file_lines(task, n, seed, dev=False):
 
 
 def glue_test_lines(task, n, seed=3):
-    """The lines of a GLUE task's test.tsv (MNLI: test_matched.tsv), as GLUE's download script writes them: no
-    label, an `index` column (QQP: `id`), and a header even where the training file has none (CoLA)."""
+    """The lines of a GLUE task's test.tsv (MNLI: test_matched.tsv), as GLUE's download script
+    writes them: no label, an `index` column (QQP: `id`), and a header even where the training
+    file has none (CoLA)."""
     rng = random.Random(seed)
     header = {
         "cola": "index\tsentence",
@@ -268,7 +269,8 @@ def free_port():
 
 
 def torchrun_command(script, *args, nproc=2, nnodes=1, node_rank=0, port=None, wrapper=None):
-    """`torchrun` for CPU processes (gloo): one machine, or node `node_rank` of `nnodes` on localhost."""
+    """`torchrun` for CPU processes (gloo): one machine, or node `node_rank` of `nnodes` on
+    localhost."""
     command = ["torchrun", "--nproc_per_node", str(nproc), "--nnodes", str(nnodes), "--node_rank", str(node_rank)]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(port or free_port())]
     if wrapper:
@@ -293,8 +295,8 @@ def torchrun(script, *args, check=True, **options):
 
 
 def with_classifier_head(model_dir, target, labels):
-    """A copy of a saved encoder with a sequence-classification head for `labels` already in it (drawn once, here),
-    so that loading it for classification draws nothing at random."""
+    """A copy of a saved encoder with a sequence-classification head for `labels` already in it
+    (drawn once, here), so that loading it for classification draws nothing at random."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -309,8 +311,8 @@ def with_classifier_head(model_dir, target, labels):
 
 
 def without_dropout(model_dir, target):
-    """A copy of a saved model with dropout off: runs that split their batches otherwise,
-    or draw their random numbers on other processes, can then end at the same weights."""
+    """A copy of a saved model with dropout off: runs that split their batches otherwise, or draw
+    their random numbers on other processes, can then end at the same weights."""
     import json
     import shutil
 
@@ -324,9 +326,10 @@ def without_dropout(model_dir, target):
 
 
 def launch(runs, folder, nproc=1, timeout=300, distributed=None):
-    """Run `runs` (dicts: see tests/launch_worker.py) one after another as one job of `nproc` processes on this
-    machine, each run forked from a worker that imported everything once; returns each run's exit status (and
-    writes each run's seconds into its dict). `distributed`: a process group even for one process (as torchrun)."""
+    """Run `runs` (dicts: see tests/launch_worker.py) one after another as one job of `nproc`
+    processes on this machine, each run forked from a worker that imported everything once;
+    returns each run's exit status (and writes each run's seconds into its dict). `distributed`:
+    a process group even for one process (as torchrun)."""
     import json
 
     folder = Path(folder)

@@ -1,22 +1,25 @@
-"""Runs a list of training runs, each in a child process forked from this one, for the launch-path tests.
+"""Runs a list of training runs, each in a child process forked from this one, for the launch-path
+tests.
 
     python tests/launch_worker.py PLAN.json
 
-helpers.launch starts one worker per process of a job (RANK, WORLD_SIZE, MASTER_ADDR set as torchrun sets them),
-and each worker forks one child per run: the children of all workers make up that run's job, on a port of its own.
-The worker imports torch, transformers and the scripts once; a forked child starts at once, and one job can SIGKILL
-itself in the middle of a run and be started again, many times over, without paying for Python's start each time.
+helpers.launch starts one worker per process of a job (RANK, WORLD_SIZE, MASTER_ADDR set as torchrun
+sets them), and each worker forks one child per run: the children of all workers make up that run's
+job, on a port of its own. The worker imports torch, transformers and the scripts once; a forked
+child starts at once, and one job can SIGKILL itself in the middle of a run and be started again,
+many times over, without paying for Python's start each time.
 
 A run (one entry of PLAN.json's "runs"):
-    script: "train_classifier", "finetune_gpt2" or "pretrain_mlm"; argv: its arguments (argv_by_rank: {"1": ...}
-        for a process that gets others); log: file for its output
-    engine: "one", "ddp", "fsdp2", "compile" or "deepspeed" (the caller puts the engine's flags in argv)
-    kill_at_evaluation: SIGKILL every process when the first evaluation starts (after the epoch's last step,
-        whose checkpoint is saved by then when --checkpointing_steps divides the epoch)
-    signal_when_saved: [signal, step, output folder]: send the signal once a checkpoint of that step is saved
+    script: "train_classifier", "finetune_gpt2" or "pretrain_mlm"; argv: its arguments
+        (argv_by_rank: {"1": ...} for a process that gets others); log: file for its output
+    engine: "one", "ddp", "fsdp2" or "deepspeed" (the caller puts the engine's flags in argv)
+    kill_at_evaluation: SIGKILL every process when the first evaluation starts (after the epoch's
+        last step, whose checkpoint is saved by then when --checkpointing_steps divides the epoch)
+    signal_when_saved: [signal, step, output folder]: send the signal once a checkpoint of that
+        step is saved
     port: the job's MASTER_PORT
-Each run's exit status (negative: killed by that signal) and seconds go to PLAN.json's "results" file (rank 0's).
-"""
+Each run's exit status (negative: killed by that signal) and seconds go to PLAN.json's "results"
+file (rank 0's)."""
 
 import importlib
 import json
@@ -45,7 +48,8 @@ def kill_at_first_evaluation():
 
 
 def child(run):
-    """The run itself, in the forked child: output to its log, then exit with the script's status."""
+    """The run itself, in the forked child: output to its log, then exit with the script's
+    status."""
     code = 1
     try:
         log = os.open(run["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -87,8 +91,9 @@ def saved_step(out):
 
 
 def wait(pid, timeout, signal_when_saved=None):
-    """The run's exit status. signal_when_saved = [signal, step, out]: send that signal to the run once a checkpoint
-    of that step or more is in `out` (a SIGKILL at a random moment, a SIGTERM from a scheduler, a Ctrl-C)."""
+    """The run's exit status. signal_when_saved = [signal, step, out]: send that signal to the
+    run once a checkpoint of that step or more is in `out` (a SIGKILL at a random moment, a
+    SIGTERM from a scheduler, a Ctrl-C)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)

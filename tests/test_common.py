@@ -86,8 +86,8 @@ def test_auto_precision_is_bf16_on_a_tpu_whose_launcher_sets_none(monkeypatch):
 
 
 def zero3_partitioned(model):
-    """The model as DeepSpeed ZeRO-3 leaves it on each process after loading: every weight an empty tensor, its whole
-    shape in ds_shape and its size in ds_numel."""
+    """The model as DeepSpeed ZeRO-3 leaves it on each process after loading: every weight an
+    empty tensor, its whole shape in ds_shape and its size in ds_numel."""
     for param in model.parameters():
         param.ds_shape, param.ds_numel = param.shape, param.numel()
         param.data = torch.empty(0)

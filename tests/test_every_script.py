@@ -1,6 +1,6 @@
 """The never-lose-work promises, proved for each of the three scripts: a damaged newest
-checkpoint, SIGTERM / SIGINT, changed settings, and a sweep of the bad input users
-really feed. (The shared machinery itself is tested in test_faults.py.)"""
+checkpoint, SIGTERM / SIGINT, changed settings, and a sweep of the bad input users really feed.
+(The shared machinery itself is tested in test_faults.py.)"""
 
 import json
 import os
@@ -124,9 +124,10 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_run_ends_the_same(script, 
 
 @pytest.fixture(scope="module")
 def stopped_runs(setups, full_runs, tmp_path_factory):
-    """One job (tests/launch_worker.py): each script SIGKILLed at a random moment after a checkpoint, then run again
-    with the same command; and stopped by SIGTERM (a scheduler, Colab's stop button) or SIGINT (Ctrl-C) after its
-    first checkpoint, then run again without step saves."""
+    """One job (tests/launch_worker.py): each script SIGKILLed at a random moment after a
+    checkpoint, then run again with the same command; and stopped by SIGTERM (a scheduler,
+    Colab's stop button) or SIGINT (Ctrl-C) after its first checkpoint, then run again without
+    step saves."""
     folder = tmp_path_factory.mktemp("stopped")
     runs = []
     for script, sig in (
@@ -183,7 +184,8 @@ def test_a_stop_signal_saves_and_the_rerun_continues_from_that_step(script, stop
     printed = helpers.log_of(signalled)
     assert status == 128 + sig and "Traceback" not in printed, printed[-2000:]
     saved = int(printed.split(f"{sig.name} received: saved step ")[1].split(".")[0])
-    # Run again without step saves: the only way to continue from `saved` is the checkpoint the signal wrote.
+    # Run again without step saves: the only way to continue from `saved` is the checkpoint the
+    # signal wrote.
     assert rerun_status == 0, helpers.log_of(continued)[-2000:]
     assert f"step {saved}," in helpers.log_of(continued).split("Resumed from")[1].splitlines()[0]
     assert final_weights(continued["out"]) == final_weights(full_runs[script])
@@ -223,7 +225,7 @@ def test_a_run_called_in_process_gives_the_signals_back(setups, tmp_path):
 
 
 CHANGES = {
-    "train_classifier": (["--max_seq_length", 16], "max_seq_length: 64 -> 16"),
+    "train_classifier": (["--max_seq_length", 16], "max_seq_length: 128 -> 16"),
     "finetune_gpt2": (["--block_size", 16], "block_size: 32 -> 16"),
     "pretrain_mlm": (["--vocab_size", 280], "vocab_size: 300 -> 280"),
 }
@@ -276,14 +278,14 @@ def test_a_kill_while_writing_tokens_and_a_damaged_token_file_are_made_again(
     monkeypatch.setattr(common.TokenFile, "write", killed_before_the_rename)
     with pytest.raises(Killed):
         s.module.main(args)
-    assert list(tokens.glob(".tmp-*")) and not list(tokens.glob("[!.]*.bin"))  # half-written, never in place
+    assert list(tokens.glob(".tmp-*")) and not list(tokens.glob("[!.]*.npy"))  # half-written, never in place
     monkeypatch.setattr(common.TokenFile, "write", write)
     capsys.readouterr()
     s.module.main(args)
     assert "Tokenized the training text" in capsys.readouterr().out  # made again
     assert final_weights(tmp_path / "run") == final_weights(full_runs[script])
 
-    for token_file in tokens.glob("[!.]*.bin"):  # damaged: cut short
+    for token_file in tokens.glob("[!.]*.tokens.npy"):  # damaged: cut short
         with open(token_file, "r+b") as f:
             f.truncate(token_file.stat().st_size - 2)
     s.module.main(s.args(tmp_path / "again", "--checkpointing_steps", 4, "--keep_last", 100))
@@ -299,7 +301,8 @@ def test_a_kill_while_writing_tokens_and_a_damaged_token_file_are_made_again(
 
 
 def bad_inputs(tmp_path, script):
-    """case -> (what to change: dict of train/valid/model/extra, expected: "ok" or words of the error)"""
+    """case -> (what to change: dict of train/valid/model/extra, expected: "ok" or words of the
+    error)"""
     text = script != "train_classifier"
     ext = ".txt" if text else ".csv"
 
@@ -340,8 +343,9 @@ def bad_inputs(tmp_path, script):
 
 
 def training_samples(s, train, out):
-    """What the script should report for a training file, as it reports it: the classifier's rows (a quote-aware CSV
-    reader's), GPT-2's blocks of 32 tokens and the masked LM's (from every non-blank line, with <s> ... </s>)."""
+    """What the script should report for a training file, as it reports it: the classifier's rows
+    (a quote-aware CSV reader's), GPT-2's blocks of 32 tokens and the masked LM's (from every
+    non-blank line, with <s> ... </s>)."""
     import csv
 
     from transformers import AutoTokenizer
@@ -389,7 +393,8 @@ def test_bad_input_sweep(script, case, setups, full_runs, tmp_path, capsys):
         capsys.readouterr()
         state = s.module.main(args)
         assert state.completed_steps == 2
-        # Every row or line was read as written: the count the script reports is the one found here by hand.
+        # Every row or line was read as written: the count the script reports is the one found here
+        # by hand.
         assert re.search(rf"\b{training_samples(s, train, out)} training", capsys.readouterr().out)
         return
     out = tmp_path / "run"  # an existing run: a bad command must not touch its checkpoints
@@ -416,20 +421,20 @@ def test_bad_input_sweep(script, case, setups, full_runs, tmp_path, capsys):
 
 def loop_of(script):
     source = (helpers.REPO / f"{script}.py").read_text()
-    start = source.index("    model.train()\n")
+    start = source.index("    for epoch in run.epochs()")
     return source[start : source.index("\n\n", source.index("run.end_epoch(", start))].splitlines()
 
 
 def test_the_three_loops_differ_only_where_marked():
-    """Every line of the loop is the same in the three scripts, comments included, but the
-    ones marked "this script" (the forward pass, what counts as a token, the evaluation)."""
+    """Every line of the loop is the same in the three scripts, comments included, but the ones
+    marked "this script" (the forward pass, what counts as a token, the evaluation)."""
     loops = {script: loop_of(script) for script in SCRIPTS}
     for script, loop in loops.items():
         assert 3 <= sum("this script" in line for line in loop) <= 5, script
     shared = [[line for line in loop if "this script" not in line] for loop in loops.values()]
     assert shared[0] == shared[1] == shared[2]
     skeleton = ["for epoch in", "set_epoch", "for batch in", "accumulate", "backward", "clip_grad_norm_"]
-    skeleton += ["optimizer.step()", "lr_scheduler.step()", "zero_grad()", "run.log_and_save", "run.end_epoch"]
+    skeleton += ["optimizer.step()", "lr_scheduler.step()", "zero_grad()", "run.count_batch", "run.end_epoch"]
     text = "\n".join(loops["train_classifier"])
     assert [text.index(step) for step in skeleton] == sorted(text.index(step) for step in skeleton)
 

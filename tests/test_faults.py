@@ -1,7 +1,6 @@
-"""Faults that really happen to a run, and what they must not cost: the output-folder
-lock, a full or unwritable disk, checkpoint rotation, planted pickles, resuming from an
-older checkpoint. The checkpoint code is shared (common.py); train_classifier.py with a
-tiny BERT drives it here."""
+"""Faults that really happen to a run, and what they must not cost: the output-folder lock, a
+full or unwritable disk, checkpoint rotation, planted pickles, resuming from an older checkpoint.
+The checkpoint code is shared (common.py); train_classifier.py with a tiny BERT drives it here."""
 
 import errno
 import json
@@ -204,8 +203,9 @@ def test_resuming_an_older_checkpoint_makes_its_continuation_the_newest(trained,
 
 
 def test_a_crash_between_the_two_renames_of_a_swap_loses_nothing(trained, tiny_bert, toy_files, tmp_path, capsys):
-    """swap_in renames the old folder away, then the new one in: a crash between the two leaves only .old-<name>
-    (and the new one's .tmp- folder). The next run puts the old one back, for a checkpoint and for best/."""
+    """swap_in renames the old folder away, then the new one in: a crash between the two leaves
+    only .old-<name> (and the new one's .tmp- folder). The next run puts the old one back, for a
+    checkpoint and for best/."""
     out = copy_of(trained, tmp_path)
     newest = checkpoints(out)[-1]
     newest.rename(newest.with_name(f".old-{newest.name}"))

@@ -119,8 +119,9 @@ def test_perplexity_is_exp_of_the_mean_token_loss(trained, text_files):
 
 
 def test_packing_loses_only_the_final_partial_block(tiny_gpt2, tmp_path):
-    """A text of many batches, tokenized by 2 worker processes into a token file and cut into blocks: the blocks
-    are the one token stream of all lines in order, only its final partial block left out."""
+    """A text of many batches, tokenized by 2 worker processes into a token file and cut into
+    blocks: the blocks are the one token stream of all lines in order, only its final partial
+    block left out."""
     import argparse
 
     path = tmp_path / "long.txt"
@@ -196,8 +197,8 @@ def test_validation_split_from_the_training_text(tiny_gpt2, text_files, tmp_path
 
 
 def test_each_run_in_one_process_gets_its_own_accelerate_settings(tiny_gpt2, text_files, tmp_path, capsys):
-    """main() called twice in one Python process (a notebook): Accelerate's process-wide state, which the first run
-    fixes (precision, --torch_compile), is made anew for the second."""
+    """main() called twice in one Python process (a notebook): Accelerate's process-wide state,
+    which the first run fixes (precision, --torch_compile), is made anew for the second."""
     finetune_gpt2.main(
         argv(tiny_gpt2, *text_files, tmp_path / "a", "--max_train_steps", 1, "--mixed_precision", "bf16")
     )
@@ -267,8 +268,9 @@ def test_short_text_message_says_what_block_size_works(tiny_gpt2, text_files, tm
 
 
 def test_a_stream_packs_like_a_token_file_and_resumes_at_any_block(tiny_gpt2, tmp_path):
-    """The blocks of a stream are the token stream's blocks; and from the place after any block (mid-line, in a
-    later batch of 1,000 lines, in a line that makes several blocks), a new stream goes on with the next block."""
+    """The blocks of a stream are the token stream's blocks; and from the place after any block
+    (mid-line, in a later batch of 1,000 lines, in a line that makes several blocks), a new
+    stream goes on with the next block."""
     import common
 
     lines = repetitive_lines(2_500, seed=4)

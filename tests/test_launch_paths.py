@@ -1,14 +1,16 @@
-"""Every launch path keeps the promises. Each script runs on each engine this machine can run: one process, bf16,
---torch_compile, two CPU processes (DDP over gloo), FSDP2 and DeepSpeed ZeRO-2 and ZeRO-3 on two CPU processes
-(tests/fsdp_on_cpu.py, tests/deepspeed_on_cpu.py switch Accelerate's own code for them on). For each:
+"""Every launch path keeps the promises. Each script runs on each engine this machine can run: one
+process, bf16, --torch_compile, two CPU processes (DDP over gloo), FSDP2 and DeepSpeed ZeRO-2 and
+ZeRO-3 on two CPU processes (tests/fsdp_on_cpu.py, tests/deepspeed_on_cpu.py switch Accelerate's own
+code for them on). For each:
 
 - the export re-scores, loaded alone as users load it, to the evaluation loss the run reported;
-- a run SIGKILLed during its first epoch-end evaluation (its checkpoint of the epoch's last step saved, gradient
-  accumulation on), then run again with the same command, ends at the uninterrupted run's weights;
+- a run SIGKILLed during its first epoch-end evaluation (its checkpoint of the epoch's last step
+  saved, gradient accumulation on), then run again with the same command, ends at the uninterrupted
+  run's weights;
 - the learning rate at every step after the resume is the uninterrupted run's.
 
-One job per engine runs all of it (tests/launch_worker.py forks each run from a worker that imported everything
-once), and the tests below read what it left."""
+One job per engine runs all of it (tests/launch_worker.py forks each run from a worker that
+imported everything once), and the tests below read what it left."""
 
 import json
 import shutil
@@ -29,8 +31,8 @@ ENGINES = {
     # Compiling takes a while on a CPU: the language model with fixed shapes, where users want it.
     "compile": (1, "one", ["--torch_compile"], ["finetune_gpt2"]),
     "ddp": (2, "ddp", [], SCRIPTS),
-    # FSDP2 cannot shard RoBERTa's masked-LM head (a bias shared by two units): pretrain_mlm.py refuses it, in one
-    # line (tested below).
+    # FSDP2 cannot shard RoBERTa's masked-LM head (a bias shared by two units): pretrain_mlm.py
+    # refuses it, in one line (tested below).
     "fsdp2": (2, "fsdp2", [], SCRIPTS[:2]),
     "zero2": (2, "deepspeed", [], SCRIPTS),
     "zero3": (2, "deepspeed", [], SCRIPTS),
@@ -42,9 +44,10 @@ STEPS_PER_EPOCH = {"train_classifier": 6, "finetune_gpt2": 4, "pretrain_mlm": 5}
 
 @pytest.fixture(scope="module")
 def data(tiny_bert, tmp_path_factory):
-    """Each script's model and data flags: tiny models, a few steps an epoch. The classifier starts from a model that
-    has its head already (no weights drawn at random as it loads, which engines do in their own ways), and clipping
-    and weight decay are on, so every engine is seen to apply them."""
+    """Each script's model and data flags: tiny models, a few steps an epoch. The classifier
+    starts from a model that has its head already (no weights drawn at random as it loads, which
+    engines do in their own ways), and clipping and weight decay are on, so every engine is seen
+    to apply them."""
     d = tmp_path_factory.mktemp("matrix-data")
     classifier = helpers.write_csv(d / "train.csv", helpers.toy_rows(90, seed=1))
     classifier_dev = helpers.write_csv(d / "dev.csv", helpers.toy_rows(24, seed=2))
@@ -72,7 +75,8 @@ def script_argv(data, script, out, nproc, extra):
     argv = [*data[script], "--output_dir", out, "--num_train_epochs", 2]
     argv += ["--per_device_train_batch_size", GLOBAL_BATCH // (nproc * ACCUMULATION)]
     argv += ["--gradient_accumulation_steps", ACCUMULATION, "--logging_steps", 1]
-    # A checkpoint at each epoch's last step (saves cost time on some engines): the kill comes right after it.
+    # A checkpoint at each epoch's last step (saves cost time on some engines): the kill comes right
+    # after it.
     argv += ["--checkpointing_steps", STEPS_PER_EPOCH[script], "--keep_last", 3, "--save_every_minutes", 0, *extra]
     return argv
 
@@ -90,7 +94,8 @@ def engine_run(request, data, tmp_path_factory):
 
 
 def run_engine(engine, data, tmp_path_factory):
-    """One job for the engine: each script uninterrupted, then killed at its first evaluation and run again."""
+    """One job for the engine: each script uninterrupted, then killed at its first evaluation and
+    run again."""
     if engine in JOBS:
         return JOBS[engine]
     nproc, switch, extra, scripts = ENGINES[engine]
@@ -159,8 +164,9 @@ def best_weights(out):
 
 
 def final_weights(out):
-    """The model's weights in the newest checkpoint, whole, read in this one process: model.safetensors, or the shards
-    FSDP (torch.distributed.checkpoint) or DeepSpeed (zero_pp_rank_* files) wrote, gathered by their own tools."""
+    """The model's weights in the newest checkpoint, whole, read in this one process:
+    model.safetensors, or the shards FSDP (torch.distributed.checkpoint) or DeepSpeed
+    (zero_pp_rank_* files) wrote, gathered by their own tools."""
     newest = sorted((Path(out) / "checkpoints").glob("step_*"))[-1]
     if (newest / "model.safetensors").exists():
         return load_file(newest / "model.safetensors")
@@ -232,9 +238,10 @@ def test_fsdp2_evaluates_alone_and_pretrain_mlm_refuses_it_in_one_line(data, tmp
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_engine_learns_the_same_model(script, data, tmp_path_factory):
-    """The engine changes how a model trains, not what it learns: the same learning rate at every step on each, and
-    on two processes the same weights from DDP, FSDP2 and DeepSpeed ZeRO-2 and ZeRO-3 (the same data on each
-    process, the same random streams), up to the order of floating-point sums."""
+    """The engine changes how a model trains, not what it learns: the same learning rate at every
+    step on each, and on two processes the same weights from DDP, FSDP2 and DeepSpeed ZeRO-2 and
+    ZeRO-3 (the same data on each process, the same random streams), up to the order of
+    floating-point sums."""
     jobs = {engine: run_engine(engine, data, tmp_path_factory)[1] for engine in ENGINES if script in ENGINES[engine][3]}
     learning_rates = {}
     for engine, runs in jobs.items():
@@ -246,7 +253,8 @@ def test_every_engine_learns_the_same_model(script, data, tmp_path_factory):
     for engine in ("fsdp2", "zero2", "zero3"):
         if engine in jobs:
             weights = final_weights(jobs[engine][script, "uninterrupted"][0]["out"])
-            # Each engine's checkpoint names a tied weight (GPT-2's lm_head, RoBERTa's decoder) once or twice.
+            # Each engine's checkpoint names a tied weight (GPT-2's lm_head, RoBERTa's decoder) once
+            # or twice.
             common = weights.keys() & reference.keys()
             assert len(common) >= len(reference) - 2, (engine, weights.keys() ^ reference.keys())
             for key in common:
@@ -254,9 +262,9 @@ def test_every_engine_learns_the_same_model(script, data, tmp_path_factory):
 
 
 def test_fsdp2_skips_a_damaged_shard_and_refuses_another_process_count(data, tmp_path_factory, tmp_path):
-    """FSDP2's checkpoints are folders of shards, each file recorded with its size: a save killed while it wrote a shard
-    is skipped, the checkpoint before it used, and the run ends where it would have. Shards of two processes cannot be
-    read by one: refused, saying why."""
+    """FSDP2's checkpoints are folders of shards, each file recorded with its size: a save killed
+    while it wrote a shard is skipped, the checkpoint before it used, and the run ends where it
+    would have. Shards of two processes cannot be read by one: refused, saying why."""
     _, runs = run_engine("fsdp2", data, tmp_path_factory)
     full = Path(runs["finetune_gpt2", "uninterrupted"][0]["out"])
     newest, previous = sorted((full / "checkpoints").glob("step_*"))[-2:]

@@ -59,8 +59,9 @@ def newest_state(out):
 
 @torch.no_grad()
 def hand_masked_lm_loss(model_dir, path, block=32, seed=42, probability=0.15):
-    """The masked-LM loss of a saved model on a text file, by hand: every non-blank line with <s> ... </s>, in one
-    stream cut into blocks, block i masked by a generator seeded with seed + i; the mean over masked tokens."""
+    """The masked-LM loss of a saved model on a text file, by hand: every non-blank line with <s>
+    ... </s>, in one stream cut into blocks, block i masked by a generator seeded with seed + i;
+    the mean over masked tokens."""
     from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -128,8 +129,8 @@ def test_exported_model_fills_the_mask(trained, text_files):
     fill = pipeline("fill-mask", model=str(trained / "best"))
     guesses = fill("the cat sat on the <mask> .", top_k=5)
     assert len(guesses) == 5 and all("the cat sat on the" in g["sequence"] for g in guesses)
-    # Trained, not just loaded: its guesses are pieces of the training text, each far likelier than a uniform guess
-    # over the 300 tokens (an untrained model's top guess has about 1/300).
+    # Trained, not just loaded: its guesses are pieces of the training text, each far likelier than
+    # a uniform guess over the 300 tokens (an untrained model's top guess has about 1/300).
     text = text_files[0].read_text()
     assert all(g["token_str"].strip() in text for g in guesses) and guesses[0]["score"] > 10 / 300
 
@@ -164,9 +165,10 @@ def test_resumed_run_reuses_the_saved_tokenizer(trained, text_files, tmp_path, m
 
 
 def test_evaluation_masks_the_same_way_every_time(trained, text_files):
-    """One model evaluated twice, from other global random states (which training's masking draws from), and on
-    batches of other sizes: the same masks each time, so the same loss, which a hand computation (block i masked by a
-    generator seeded with --seed + i) gives too. On any number of processes the same: test_launch_paths.py."""
+    """One model evaluated twice, from other global random states (which training's masking draws
+    from), and on batches of other sizes: the same masks each time, so the same loss, which a
+    hand computation (block i masked by a generator seeded with --seed + i) gives too. On any
+    number of processes the same: test_launch_paths.py."""
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from transformers import AutoModelForMaskedLM, default_data_collator
@@ -193,7 +195,8 @@ def test_line_by_line(text_files, tmp_path, capsys):
     state = pretrain_mlm.main(argv(*text_files, tmp_path / "lines", "--line_by_line", "--max_train_steps", 6))
     assert state.completed_steps == 6
     assert any("eval_perplexity" in e for e in state.log_history)
-    # One sample per line (600 and 80 of them), not packed blocks (far fewer: a line is about 8 tokens).
+    # One sample per line (600 and 80 of them), not packed blocks (far fewer: a line is about 8
+    # tokens).
     assert "600 training and 80 validation samples of up to 32 tokens" in capsys.readouterr().out
 
 
@@ -233,8 +236,8 @@ def test_bad_input(trained, text_files, tmp_path, capsys):
 
 
 def test_a_small_text_trains_with_the_vocabulary_it_yields(text_files, tmp_path, capsys):
-    """Asked for more tokens than the text has words and merges for: the tokenizer stops
-    where the text does, says so, and the model is sized to it (as the tutorial went on)."""
+    """Asked for more tokens than the text has words and merges for: the tokenizer stops where
+    the text does, says so, and the model is sized to it (as the tutorial went on)."""
     state = pretrain_mlm.main(argv(*text_files, tmp_path / "small", "--vocab_size", 5000, "--max_train_steps", 2))
     assert state.completed_steps == 2
     got = len(AutoTokenizer.from_pretrained(tmp_path / "small"))

@@ -1,7 +1,7 @@
-"""Real inputs work the first time: every GLUE task's files as GLUE's download script
-writes them and as the hub has them, other layouts through --text_columns and
---label_column, regression, small corpora, and resume settings that cannot change
-silently. The fixtures have the exact shape of the real files (helpers.py)."""
+"""Real inputs work the first time: every GLUE task's files as GLUE's download script writes them
+and as the hub has them, other layouts through --text_columns and --label_column, regression,
+small corpora, and resume settings that cannot change silently. The fixtures have the exact shape
+of the real files (helpers.py)."""
 
 import json
 import shutil
@@ -269,9 +269,11 @@ def test_another_validation_file_is_refused_and_harmless_changes_continue(
 
 
 def test_the_readme_lists_what_may_change_on_resume():
-    """The README's resume table names exactly the flags the code lets change."""
-    readme = (helpers.REPO / "README.md").read_text()
-    table = readme.split("### What may change when a run resumes")[1].split("\n\n")[1]
+    """The resume table in docs/flags.md (which the README links) names exactly the flags the code
+    lets change."""
+    flags = (helpers.REPO / "docs" / "flags.md").read_text()
+    section = flags.split("## What may change when a run resumes")[1]
+    table = next(block for block in section.split("\n\n") if block.startswith("|"))
     cells = [row.split("|")[1] for row in table.splitlines()[2:]]
     may = {flag.strip(" `-") for cell in cells for flag in cell.split(",")}
     expected = set(common.MAY_CHANGE_ON_RESUME) | {"early_stopping_patience", "do_predict", "fill_mask_prompt"}
@@ -280,7 +282,8 @@ def test_the_readme_lists_what_may_change_on_resume():
 
 
 # ---------------------------------------------------------------------------
-# Predictions for test sets: GLUE's test files as its download script writes them, and the hub's test splits.
+# Predictions for test sets: GLUE's test files as its download script writes them, and the hub's
+# test splits.
 # ---------------------------------------------------------------------------
 
 TEST_TEXT = {"cola": [1], "mrpc": [3, 4], "stsb": [7, 8], "mnli": [8, 9], "qqp": [1, 2]}

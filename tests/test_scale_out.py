@@ -1,7 +1,7 @@
-"""Scaling out: resuming on another number of processes with the same global batch, processes that must agree on
-the checkpoint and see one output folder, two nodes sharing one output folder, the accelerate config files, and the
-GPU check's CPU answer. Processes are CPU processes (gloo). (Each engine, FSDP2 and DeepSpeed included, keeps the
-promises in test_launch_paths.py.)"""
+"""Scaling out: resuming on another number of processes with the same global batch, processes
+that must agree on the checkpoint and see one output folder, two nodes sharing one output folder,
+the accelerate config files, and the GPU check's CPU answer. Processes are CPU processes (gloo).
+(Each engine, FSDP2 and DeepSpeed included, keeps the promises in test_launch_paths.py.)"""
 
 import json
 import os
@@ -63,9 +63,9 @@ def kill_when_saved(procs, out, target):
 
 @pytest.fixture(scope="module")
 def two_processes(tiny_bert, toy_files, tmp_path_factory):
-    """The classifier on 2 processes x 16 per device, 2 epochs of 400 rows (13 optimizer steps each: 400 does not
-    divide by the global batch of 32, so each epoch's last step holds the epoch's first samples again), dropout off,
-    a checkpoint every 5 steps."""
+    """The classifier on 2 processes x 16 per device, 2 epochs of 400 rows (13 optimizer steps
+    each: 400 does not divide by the global batch of 32, so each epoch's last step holds the
+    epoch's first samples again), dropout off, a checkpoint every 5 steps."""
     d = tmp_path_factory.mktemp("two")
     model = helpers.without_dropout(tiny_bert, d / "bert")
 
@@ -101,8 +101,9 @@ def test_a_two_process_run_resumes_on_one_process_with_twice_the_accumulation(tw
 
 
 def test_the_processes_fall_back_together_when_one_cannot_load_a_checkpoint(two_processes, tmp_path):
-    """Process 1 cannot load its part of the newest checkpoint: both go back to the one before, together (alone, it
-    would train from another step than process 0, and the two would part ways or wait for each other forever)."""
+    """Process 1 cannot load its part of the newest checkpoint: both go back to the one before,
+    together (alone, it would train from another step than process 0, and the two would part ways
+    or wait for each other forever)."""
     args, full = two_processes
     out = tmp_path / "run"
     shutil.copytree(full, out)
@@ -130,8 +131,8 @@ def plant_pickle(checkpoint, name):
 
 
 def test_every_machine_must_see_the_same_output_folder(two_processes, tmp_path):
-    """Two machines whose --output_dir is not one shared folder would each keep part of every checkpoint: refused at
-    the start, in one line, before anything is written."""
+    """Two machines whose --output_dir is not one shared folder would each keep part of every
+    checkpoint: refused at the start, in one line, before anything is written."""
     args, _ = two_processes
     run = {"script": "train_classifier", "argv": args(tmp_path / "machine0"), "engine": "ddp"}
     run["argv_by_rank"] = {1: args(tmp_path / "machine1")}  # another folder on the second machine
@@ -157,10 +158,10 @@ def test_another_global_batch_is_refused_with_the_numbers_that_work(two_processe
 
 
 def test_two_nodes_on_localhost_share_one_output_folder(two_processes, tmp_path):
-    """Two 'machines' of one process each (torchrun --nnodes 2), one shared output folder:
-    killed together after a random step and started again with the same commands, they end
-    where the uninterrupted 2-process run on one machine ended. The main process of the
-    whole job holds the lock and writes each file; the other node's processes wait."""
+    """Two 'machines' of one process each (torchrun --nnodes 2), one shared output folder: killed
+    together after a random step and started again with the same commands, they end where the
+    uninterrupted 2-process run on one machine ended. The main process of the whole job holds the
+    lock and writes each file; the other node's processes wait."""
     args, full = two_processes
     out = tmp_path / "nodes"
 
