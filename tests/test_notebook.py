@@ -1,6 +1,6 @@
-"""The Colab notebook runs from top to bottom: its settings cell is replaced with tiny
-models and data written here, no Drive, no install, no hub; everything else runs as
-users run it (the three scripts as shell commands, then the results cells)."""
+"""The Colab notebook runs from top to bottom: its settings cell is replaced with tiny models and
+data written here, no Drive, no install, no hub; everything else runs as users run it (the three
+scripts as shell commands, then the results cells)."""
 
 import json
 import re
