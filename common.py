@@ -85,7 +85,7 @@ def build_parser(docstring, **defaults):
     a("--validation_split_percentage", type=int, default=10, help="held out when there is no validation data")
     a("--max_train_samples", type=int, help="use only this many training samples (quick runs)")
     a("--max_eval_samples", type=int, help="use only this many validation samples (quick runs)")
-    a("--preprocessing_num_workers", type=int, help="processes that tokenize (default: every core this one may use)")
+    a("--preprocessing_num_workers", type=int, help="tokenizing processes, one core each (default: every core)")
     a(
         "--streaming",
         action="store_true",
@@ -1035,11 +1035,11 @@ def tokenize_to_file(texts, tokenize, tokenizer, args, what, recipe):
 
     started, workers = time.perf_counter(), min(preprocessing_workers(args), max(1, len(texts)))
     text_bytes = texts.data.nbytes  # the text as Arrow holds it, about its size in UTF-8
-    # The fast tokenizer's own threads and forked worker processes do not mix: with workers, each
-    # one thread.
+    # A worker is one process tokenizing on one thread, so N workers use N cores. The fast
+    # tokenizer's own threads are switched off meanwhile: they do not mix with forked worker
+    # processes, and they would make one "worker" quietly use every core.
     threads = os.environ.get("TOKENIZERS_PARALLELISM")
-    if workers > 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         encoded = texts.map(
             encode, batched=True, num_proc=workers if workers > 1 else None, remove_columns=texts.column_names,
