@@ -996,7 +996,7 @@ class TokenFile:
                 old.unlink()
         lengths = encoded.select_columns(["length"]).with_format("numpy")
         total = sum(int(batch["length"].sum()) for batch in lengths.iter(batch_size=100_000))
-        dtype = np.uint16 if vocabulary_size <= 2**16 else np.uint32
+        dtype = token_dtype(vocabulary_size)
         tmp = {path: path.with_name(f".tmp-{os.getpid()}-{path.name}") for path in (self.lines_path, self.tokens_path)}
         starts = np.lib.format.open_memmap(tmp[self.lines_path], mode="w+", dtype=np.int64, shape=(len(encoded) + 1,))
         tokens = np.lib.format.open_memmap(tmp[self.tokens_path], mode="w+", dtype=dtype, shape=(total,))
@@ -1016,6 +1016,11 @@ class TokenFile:
         self.open()
 
 
+def token_dtype(vocabulary_size):
+    """Two bytes a token where the vocabulary fits (GPT-2's 50,257 does), else four."""
+    return np.uint16 if vocabulary_size <= 2**16 else np.uint32
+
+
 def tokenize_to_file(texts, tokenize, tokenizer, args, what, recipe):
     """The TokenFile of `texts` (a `text` column): `tokenize(list of lines)` -> the token ids of
     each line (fewer lists to drop lines). Made once, on --preprocessing_num_workers processes,
@@ -1033,6 +1038,10 @@ def tokenize_to_file(texts, tokenize, tokenizer, args, what, recipe):
         ids = tokenize(batch["text"])
         return {"input_ids": ids, "length": [len(line) for line in ids]}
 
+    # The ids are stored as the token file will hold them (uint16 for most vocabularies): half
+    # the disk of datasets' default int32, for the moment both exist.
+    ids = datasets.Value(np.dtype(token_dtype(len(tokenizer))).name)
+    features = datasets.Features({"input_ids": datasets.List(ids), "length": datasets.Value("int64")})
     started, workers = time.perf_counter(), min(preprocessing_workers(args), max(1, len(texts)))
     text_bytes = texts.data.nbytes  # the text as Arrow holds it, about its size in UTF-8
     # A worker is one process tokenizing on one thread, so N workers use N cores. The fast
@@ -1043,7 +1052,7 @@ def tokenize_to_file(texts, tokenize, tokenizer, args, what, recipe):
     try:
         encoded = texts.map(
             encode, batched=True, num_proc=workers if workers > 1 else None, remove_columns=texts.column_names,
-            desc=f"Tokenizing the {what} text ({workers} process{'es' if workers > 1 else ''})",
+            features=features, desc=f"Tokenizing the {what} text ({workers} process{'es' if workers > 1 else ''})",
         )  # fmt: skip
     finally:
         os.environ.pop("TOKENIZERS_PARALLELISM", None)

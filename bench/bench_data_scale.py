@@ -8,10 +8,16 @@ WikiText-2, two books), repeated until it is that large, and a small model for i
 script on it in a process of its own with `--max_train_steps 2`, as a user would, measuring:
 
 - peak memory: the most resident memory of the script and its worker processes together (PSS, see
-  PeakMemory);
+  PeakMemory), and the most of it that is anonymous: PSS counts the pages of memory-mapped files
+  (the Arrow text, the token file) that a process has read, which the kernel drops when memory
+  runs short; anonymous memory (Python objects, tensors) it can only swap;
 - preprocessing: seconds and MB/s as the script reports them (its "Tokenized the training text"
   line), and the tokens;
 - the whole run's seconds.
+
+--memory_limit_gb runs each script inside a memory limit (a Linux cgroup-v1 memory group, as
+root; a container such as Colab's limits memory the same way): the kernel then reclaims the
+file-backed pages first, and a run that truly needs more is killed, which the row says.
 
 The 100 MB job also runs with one and with two preprocessing workers, and again with more steps
 after it has finished (the tokens are reused: the seconds until training starts). Each run gets a
@@ -74,37 +80,60 @@ def build_gpt2(path):
 class PeakMemory:
     """The most memory a process and its children held together, sampled every 0.2 s in a thread:
     the sum of their proportional set sizes (PSS: resident memory, with pages that forked workers
-    share with their parent counted once, not once per process; for one process it is its RSS)."""
+    share with their parent counted once, not once per process; for one process it is its RSS),
+    and the sum of its anonymous part (Pss_Anon in /proc/PID/smaps_rollup: not backed by a file)."""
 
     def __init__(self, pid):
-        self.process, self.peak, self.done = psutil.Process(pid), 0, threading.Event()
+        self.process, self.peak, self.peak_anonymous = psutil.Process(pid), 0, 0
+        self.done = threading.Event()
         self.thread = threading.Thread(target=self.sample, daemon=True)
         self.thread.start()
 
     def sample(self):
         while not self.done.wait(0.2):
-            total = 0
+            total, anonymous = 0, 0
             for process in [self.process, *self.process.children(recursive=True)]:
                 try:
-                    total += process.memory_full_info().pss
-                except psutil.Error:  # a worker that just ended
-                    pass
+                    fields = Path(f"/proc/{process.pid}/smaps_rollup").read_text().split("\n")[1:]
+                except OSError:  # a worker that just ended
+                    continue
+                kilobytes = {line.split(":")[0]: int(line.split()[1]) for line in fields if line}
+                total += kilobytes["Pss"] * 1024
+                anonymous += kilobytes["Pss_Anon"] * 1024
             self.peak = max(self.peak, total)
+            self.peak_anonymous = max(self.peak_anonymous, anonymous)
 
     def stop(self):
         self.done.set()
         self.thread.join()
-        return self.peak
+        return self.peak, self.peak_anonymous
 
 
-def run(repo, script, args, cache, log):
-    """Run a script in its own process; (seconds, peak bytes, its output, seconds until training
-    started)."""
+def memory_group(limit_gb):
+    """A cgroup-v1 memory group limited to `limit_gb`, for a child to join (None: no limit)."""
+    if not limit_gb:
+        return None
+    group = Path(f"/sys/fs/cgroup/memory/bench-data-scale-{os.getpid()}")
+    group.mkdir(exist_ok=True)
+    (group / "memory.limit_in_bytes").write_text(str(int(limit_gb * 1e9)))
+    return group
+
+
+def run(repo, script, args, cache, log, limit_gb=None):
+    """Run a script in its own process; (seconds, (peak bytes, peak anonymous bytes), its output,
+    seconds until training started). Under a memory limit, a run that is killed for memory
+    returns its output ending with "KILLED for memory"."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(cache))
     env["PYTHONUNBUFFERED"] = "1"
+    group = memory_group(limit_gb)
+
+    def join_group():  # in the child, before the script starts
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(repo / f"{script}.py"), *map(str, args)], cwd=repo, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=join_group if group else None)  # fmt: skip
     memory = PeakMemory(proc.pid)
     output, training_started = [], None
     for line in proc.stdout:
@@ -115,6 +144,10 @@ def run(repo, script, args, cache, log):
     peak, seconds = memory.stop(), time.perf_counter() - started
     text = "".join(output)
     Path(log).write_text(text)
+    if group:
+        group.rmdir()
+        if proc.returncode == -9:
+            return seconds, peak, text + "KILLED for memory", training_started
     if proc.returncode != 0:
         raise SystemExit(f"{script} failed ({proc.returncode}), see {log}:\n{text[-2000:]}")
     return seconds, peak, text, training_started
@@ -148,6 +181,7 @@ def main():
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose scripts run")
     parser.add_argument("--work", type=Path, help="keep the texts and outputs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--memory_limit_gb", type=float, help="run each script inside this memory limit")
     opts = parser.parse_args()
     work = opts.work or Path(tempfile.mkdtemp(prefix="data-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -161,9 +195,13 @@ def main():
         if out.exists() and steps == 2:
             shutil.rmtree(out)
         args = script_args(script, text, out, model, workers if supports_workers else None, steps)
-        seconds, peak, output, started = run(opts.repo, script, args, cache, work / f"{out.name}-{steps}.log")
+        log = work / f"{out.name}-{steps}.log"
+        seconds, peak, output, started = run(opts.repo, script, args, cache, log, opts.memory_limit_gb)
+        if opts.memory_limit_gb:
+            label += f", limit {opts.memory_limit_gb} GB" + (": KILLED" if output.endswith("KILLED for memory") else "")
         tokens, prep_seconds, speed = preprocessing(output)
-        row = {"script": script, "MB": size, "run": label, "tokens": tokens, "peak_GB": round(peak / 1e9, 2),
+        row = {"script": script, "MB": size, "run": label, "tokens": tokens, "peak_GB": round(peak[0] / 1e9, 2),
+               "peak_anonymous_GB": round(peak[1] / 1e9, 2),
                "preprocessing_s": prep_seconds, "MB_per_s": speed, "whole_run_s": round(seconds, 1),
                "training_starts_after_s": round(started, 1) if started else None}  # fmt: skip
         rows.append(row)
@@ -181,12 +219,13 @@ def main():
                 measure(script, size, text, "re-run, 4 steps", workers=2, steps=4, out=out, cache=cache)
             else:
                 measure(script, size, text, "default")
-    header = ["script", "text MB", "run", "tokens", "peak memory GB", "preprocessing s", "MB/s", "whole run s"]
-    print("\n| " + " | ".join([*header, "training starts after s"]) + " |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    header = ["script", "text MB", "run", "tokens", "peak memory GB", "of it anonymous GB", "preprocessing s"]
+    print("\n| " + " | ".join([*header, "MB/s", "whole run s", "training starts after s"]) + " |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tokens = f"{r['tokens']:,}" if r["tokens"] else ""
-        cells = [r["script"], r["MB"], r["run"], tokens, r["peak_GB"], r["preprocessing_s"] or "", r["MB_per_s"] or ""]
+        cells = [r["script"], r["MB"], r["run"], tokens, r["peak_GB"], r["peak_anonymous_GB"]]
+        cells += [r["preprocessing_s"] or "", r["MB_per_s"] or ""]
         cells += [r["whole_run_s"], r["training_starts_after_s"]]
         print("| " + " | ".join(str(c) for c in cells) + " |")
     if opts.json:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 import tarfile
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, pipeline
 
+import common
 import finetune_gpt2
 
 BLOCK = 32
@@ -135,6 +137,28 @@ def test_packing_loses_only_the_final_partial_block(tiny_gpt2, tmp_path):
     assert all(len(blocks[i]["input_ids"]) == BLOCK for i in range(len(blocks)))
     assert len(stream) - len(packed) < BLOCK  # only the final partial block is dropped
     assert packed == stream[: len(packed)]
+
+
+def test_a_worker_tokenizes_on_one_thread_and_the_setting_is_given_back(tiny_gpt2, tmp_path, monkeypatch):
+    """--preprocessing_num_workers N uses N cores: even a single worker runs the fast tokenizer
+    without its own threads, and the user's TOKENIZERS_PARALLELISM is restored afterwards."""
+    import argparse
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    path = tmp_path / "short.txt"
+    path.write_text("\n".join(repetitive_lines(200, seed=4)) + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    lines = datasets.load_dataset("text", data_files=str(path), split="train")
+    seen = []
+
+    def tokenize(batch):
+        seen.append(os.environ.get("TOKENIZERS_PARALLELISM"))
+        return tokenizer(batch)["input_ids"]
+
+    args = argparse.Namespace(preprocessing_num_workers=1, streaming=False)
+    common.tokenize_to_file(lines, tokenize, tokenizer, args, "training", recipe="one thread")
+    assert seen and set(seen) == {"false"}
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
 
 
 def test_best_is_scored_on_the_test_file_and_eval_only_scores_a_model_without_training(trained, text_files, tmp_path):
