@@ -290,8 +290,11 @@ class EpochSampler(torch.utils.data.Sampler):
     batches, so every optimizer step sees one full global batch, split any way over processes and
     accumulation: a run may resume on another split of the same global batch and end at the same
     weights. (Without it, 2 processes would pad the last batch with repeated samples while 1
-    process accumulating 2 would average a half batch.) Its own generator, never the global
-    random state that dropout uses and checkpoints restore."""
+    process accumulating 2 would average a half batch.) So every epoch is also a whole number of
+    optimizer steps: no micro-batch is carried over an epoch's end, and a run resumed from a
+    checkpoint saved at that end (a kill during its evaluation) starts the next epoch as an
+    uninterrupted run does. Its own generator, never the global random state that dropout uses
+    and checkpoints restore."""
 
     def __init__(self, num_samples, global_batch, seed):
         self.num_samples, self.global_batch, self.seed, self.epoch = num_samples, global_batch, seed, 0
@@ -457,10 +460,6 @@ class Run:
             yield batch
         else:  # no break: the epoch ran to its end
             self.state.epoch, self.state.batch_in_epoch, self.state.stream_position = self.state.epoch + 1, 0, None
-            # Accelerate counts micro-batches towards the next optimizer step and starts again at a
-            # dataloader's end. A run resumed from a checkpoint saved at that end saw no batch:
-            # start again here too.
-            self.accelerator.step = 0
         self.progress.throughput.pause()  # evaluating and saving are not training: out of tokens/s
 
     def count_batch(self, loss, num_tokens):
