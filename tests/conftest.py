@@ -1,11 +1,18 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # Offline, always: nothing in the tests may depend on a download. Set before
 # transformers/datasets are imported, since they read these at import.
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+# A datasets cache (and the token files beside it) of this session's own: the tests neither read
+# what an earlier session left nor fill the user's cache.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-tests-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the scripts
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers

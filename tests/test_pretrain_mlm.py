@@ -200,6 +200,23 @@ def test_line_by_line(text_files, tmp_path, capsys):
     assert "600 training and 80 validation samples of up to 32 tokens" in capsys.readouterr().out
 
 
+def test_packed_and_line_by_line_tokens_are_other_files_of_the_same_text(trained, text_files):
+    """The token file's name includes how lines were cut: packing keeps whole lines, while
+    --line_by_line cuts each to --max_seq_length. Made from the same text by the same tokenizer,
+    one after the other, the cut lines are not read from the file of whole ones."""
+    import argparse
+
+    import datasets
+
+    tokenizer = AutoTokenizer.from_pretrained(trained / "best")
+    texts = datasets.load_dataset("text", data_files=str(text_files[0]), split="train")
+    flags = {"streaming": False, "preprocessing_num_workers": 1, "max_seq_length": 6}
+    packed = pretrain_mlm.prepare_data(texts, tokenizer, argparse.Namespace(line_by_line=False, **flags), "training")
+    lines = pretrain_mlm.prepare_data(texts, tokenizer, argparse.Namespace(line_by_line=True, **flags), "training")
+    assert packed.token_file.tokens_path != lines.token_file.tokens_path
+    assert max(len(lines[i]["input_ids"]) for i in range(len(lines))) == 6  # the lines are longer: cut
+
+
 # ---------------------------------------------------------------------------
 # Bad input: one line, exit code 2, nothing damaged.
 # ---------------------------------------------------------------------------
