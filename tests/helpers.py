@@ -105,12 +105,15 @@ MNLI_CUES = {"entailment": "good", "neutral": "great", "contradiction": "bad"}
 
 def toy_pair(rng, cue, quote=False):
     """Two sentences of filler words; the second holds the cue. Some carry the quote characters
-    and words ("NA", "null") that real GLUE sentences have."""
+    and words ("NA", "null") that real GLUE sentences have, a quote inside one sentence and one
+    that opens the other (as in SST-2's `" the film ...`): a reader that takes quotes for CSV
+    quoting would join rows."""
     first = " ".join(rng.choices(FILLER, k=rng.randint(2, 8)))
     words = rng.choices(FILLER, k=rng.randint(2, 8))
     words.insert(rng.randrange(len(words) + 1), cue)
     if quote:
         first = f'he said " {first} " , NA'
+        words.insert(0, '"')
     return first, " ".join(words)
 
 

@@ -137,6 +137,10 @@ def test_packing_loses_only_the_final_partial_block(tiny_gpt2, tmp_path):
     assert all(len(blocks[i]["input_ids"]) == BLOCK for i in range(len(blocks)))
     assert len(stream) - len(packed) < BLOCK  # only the final partial block is dropped
     assert packed == stream[: len(packed)]
+    each_line = common.TokenSamples(blocks.token_file)  # where each line starts, across the batches too
+    assert len(each_line) == len(lines)
+    for i in [0, 9_999, 10_000, 19_999, 20_000, len(lines) - 1]:  # either side of each batch's edge
+        assert each_line[i]["input_ids"].tolist() == tokenizer(lines[i]["text"])["input_ids"], i
 
 
 def test_a_worker_tokenizes_on_one_thread_and_the_setting_is_given_back(tiny_gpt2, tmp_path, monkeypatch):
