@@ -697,7 +697,7 @@ def run(train_fn, parse_args, argv=None):
         args = parse_args(argv)
         # The last of parsing: where the outputs go, and the command line (for the model card).
         args.output_dir = str(resolve_output_dir(args, script.stem))
-        args.command = command_line(script.name, sys.argv[1:] if argv is None else argv)
+        args.command = command_line(script.name, sys.argv[1:] if argv is None else argv, args.hub_token)
         if args.auto_find_batch_size:
             return train_with_a_batch_that_fits(train_fn, args)
         return train_fn(args)
@@ -727,12 +727,13 @@ def first_line(err, limit=200):
     return text.splitlines()[0][:limit] if text else type(err).__name__
 
 
-def command_line(script, argv):
-    """The command that runs this again, as a shell reads it; a --hub_token is never written
-    down."""
+def command_line(script, argv, secret=None):
+    """The command that runs this again, as a shell reads it. The Hub token (`secret`) is never
+    written down, however it was passed: `--hub_token T`, `--hub_token=T`, or an abbreviation
+    argparse accepts, such as `--hub_tok T`."""
     argv = [str(arg) for arg in argv]
-    if "--hub_token" in argv:
-        argv[argv.index("--hub_token") + 1] = "$HF_TOKEN"
+    if secret:
+        argv = [arg.replace(secret, "$HF_TOKEN") for arg in argv]
     return shlex.join(["python", script, *argv])
 
 

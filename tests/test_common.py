@@ -150,3 +150,17 @@ def test_peak_flops_match_whole_words_of_the_gpu_name(monkeypatch):
     for name, expected in (("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert common.peak_flops(torch.device("cuda"), "bf16") == expected, name
+
+
+@pytest.mark.parametrize("token", [["--hub_token", "hf_SECRET"], ["--hub_token=hf_SECRET"], ["--hub_tok", "hf_SECRET"]])
+def test_the_command_line_never_holds_the_hub_token(token, tmp_path):
+    """args.command goes into the model card, which --push_to_hub uploads: the token is replaced
+    however it was passed."""
+    import train_classifier
+
+    def command_of(args):
+        return args.command
+
+    argv = ["--train_file", "train.csv", "--output_dir", str(tmp_path), *token]
+    command = common.run(command_of, train_classifier.parse_args, argv)
+    assert "hf_SECRET" not in command and "$HF_TOKEN" in command
