@@ -476,7 +476,7 @@ class Run:
                     used = self.state.batch_in_epoch * self.args.per_device_train_batch_size
                     self.state.stream_position = self.stream.position_after(used * self.accelerator.num_processes)
                 self.progress.throughput.pause()
-                self.checkpointer.save(self.state)  # exits here if a signal asked for the save
+                self.save_checkpoint()  # exits here if a signal asked for the save
                 self.progress.throughput.resume()
 
     def end_epoch(self, metrics):
@@ -498,12 +498,22 @@ class Run:
             if patience and state.evals_without_improvement >= patience:
                 self.accelerator.print(f"No improvement in {self.metric} for {patience} evaluations: stopping early.")
                 state.stopped_early = True
-        self.checkpointer.save(state)
+        self.save_checkpoint()
         self.progress.throughput.resume()
+
+    def save_checkpoint(self):
+        """A checkpoint of the state now, with the training time so far in it: a resumed run goes
+        on counting from there."""
+        self.count_train_time()
+        self.checkpointer.save(self.state)
+
+    def count_train_time(self):
+        """state.train_seconds: the time of this run so far, and of the runs it resumed."""
+        self.state.train_seconds = self.seconds_before + time.monotonic() - self.started
 
     def model_card(self, results):
         """best/'s model card, for `results` (eval_results.json's): see model_card."""
-        self.state.train_seconds = self.seconds_before + time.monotonic() - self.started
+        self.count_train_time()
         device = self.accelerator.device.type.upper()
         if device == "CUDA":
             device = torch.cuda.get_device_name(self.accelerator.device)

@@ -436,6 +436,13 @@ def test_early_stopping_and_tensorboard(tiny_bert, toy_files, tmp_path, capsys):
     events = EventAccumulator(str(tmp_path / "train_classifier")).Reload()
     assert [e.step for e in events.Scalars("eval_loss")] == [25, 50]
     assert [e.step for e in events.Scalars("train_loss")] == list(range(5, 51, 5))
+    # Every checkpoint holds the training time so far, not the time when best/ was last exported:
+    # the one at step 50 (no improvement since step 25) counts the second epoch too.
+    seconds = {}
+    for step in (25, 50):
+        saved = json.loads((tmp_path / "checkpoints" / f"step_{step:08d}" / "training_state.json").read_text())
+        seconds[step] = saved["state"]["train_seconds"]
+    assert seconds[50] > seconds[25] > 0
     assert train_classifier.main(args).completed_steps == 50  # stopped runs stay stopped
 
 
