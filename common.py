@@ -135,6 +135,8 @@ def check_args(args):
             raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if not 0 < args.validation_split_percentage < 100:
         raise UserError("--validation_split_percentage must be between 1 and 99")
+    if args.streaming and args.max_train_steps is None:
+        raise UserError("--streaming needs --max_train_steps: a stream's length is not known before it ends")
 
 
 # ---- Device, precision and processes.
@@ -882,14 +884,11 @@ def load_text_data(args, keep_linebreaks=True):
     lines are held out (contiguous, not interleaved)."""
     if args.streaming:
         return load_text_stream(args, keep_linebreaks)
-
-    def load_files(pattern, flag):
-        files = input_files(pattern, flag, TEXTS)
-        return datasets.load_dataset("text", data_files=files, split="train", keep_linebreaks=keep_linebreaks)
-
     if args.train_file:
-        train = load_files(args.train_file, "--train_file")
-        validation = load_files(args.validation_file, "--validation_file") if args.validation_file else None
+        train = load_text_files(args.train_file, "--train_file", keep_linebreaks)
+        validation = None
+        if args.validation_file:
+            validation = load_text_files(args.validation_file, "--validation_file", keep_linebreaks)
     else:
         train, validation = load_hub_dataset(args.dataset_name, args.dataset_config_name)
     if validation is None:
@@ -906,16 +905,12 @@ def load_text_data(args, keep_linebreaks=True):
 def load_text_stream(args, keep_linebreaks):
     """--streaming: the training lines as they are read (a datasets IterableDataset), for text
     larger than the disk, and the first --max_eval_samples validation lines (10,000 unless
-    given), which evaluation reads into memory."""
-    if args.max_train_steps is None:
-        raise UserError("--streaming needs --max_train_steps: a stream's length is not known before it ends")
-    text = {"split": "train", "streaming": True, "keep_linebreaks": keep_linebreaks}
+    given), which evaluation reads into memory. (check_args has made sure of --max_train_steps.)"""
     if args.train_file:
-        train = datasets.load_dataset("text", data_files=input_files(args.train_file, "--train_file", TEXTS), **text)
+        train = load_text_files(args.train_file, "--train_file", keep_linebreaks, streaming=True)
         validation = None
         if args.validation_file:
-            files = input_files(args.validation_file, "--validation_file", TEXTS)
-            validation = datasets.load_dataset("text", data_files=files, **text)
+            validation = load_text_files(args.validation_file, "--validation_file", keep_linebreaks, streaming=True)
     else:
         train, validation = load_hub_dataset(args.dataset_name, args.dataset_config_name, streaming=True)
     if validation is None:  # a percentage of a stream of unknown length cannot be held out
@@ -936,8 +931,16 @@ def load_test_text(args, keep_linebreaks=True):
     """--test_file's lines (held-out text, scored with best/ after training), or None without it."""
     if not args.test_file:
         return None
-    files = input_files(args.test_file, "--test_file", TEXTS)
-    return datasets.load_dataset("text", data_files=files, split="train", keep_linebreaks=keep_linebreaks)
+    return load_text_files(args.test_file, "--test_file", keep_linebreaks)
+
+
+def load_text_files(pattern, flag, keep_linebreaks, streaming=False):
+    """The lines of local text files (`pattern`: a file or a glob, given as `flag`), one `text`
+    row each; with `streaming`, read as training goes rather than all before it starts."""
+    files = input_files(pattern, flag, TEXTS)
+    return datasets.load_dataset(
+        "text", data_files=files, split="train", keep_linebreaks=keep_linebreaks, streaming=streaming
+    )
 
 
 def has_text(data):

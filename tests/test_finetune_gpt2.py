@@ -340,5 +340,6 @@ def test_streaming_says_what_it_cannot_do(tiny_gpt2, text_files, tmp_path, capsy
     train, valid = text_files
     line = run_bad(argv(tiny_gpt2, train, valid, tmp_path / "a", "--streaming"), capsys)
     assert "--streaming needs --max_train_steps" in line
+    assert not (tmp_path / "a").exists()  # said before anything is touched
     line = run_bad(argv(tiny_gpt2, train, None, tmp_path / "b", "--streaming", "--max_train_steps", 2), capsys)
     assert "cannot hold out --validation_split_percentage" in line and "--validation_file" in line
