@@ -474,9 +474,6 @@ class Run:
             self.state.completed_steps += 1
             self.progress.step()
             if self.save_due():
-                if self.stream is not None:  # where the blocks used so far end (not those fetched ahead)
-                    used = self.state.batch_in_epoch * self.args.per_device_train_batch_size
-                    self.state.stream_position = self.stream.position_after(used * self.accelerator.num_processes)
                 self.progress.throughput.pause()
                 self.save_checkpoint()  # exits here if a signal asked for the save
                 self.progress.throughput.resume()
@@ -504,9 +501,14 @@ class Run:
         self.progress.throughput.resume()
 
     def save_checkpoint(self):
-        """A checkpoint of the state now, with the training time so far in it: a resumed run goes
-        on counting from there."""
+        """A checkpoint of the state now, with the training time so far in it (a resumed run goes
+        on counting from there) and, with --streaming, the place in the stream where the blocks
+        used so far end, not those the DataLoader fetched ahead: a resumed run reads on from there.
+        (After a pass that ran to the stream's end, the next one starts at its beginning: None.)"""
         self.count_train_time()
+        if self.stream is not None and self.state.batch_in_epoch > 0:
+            used = self.state.batch_in_epoch * self.args.per_device_train_batch_size
+            self.state.stream_position = self.stream.position_after(used * self.accelerator.num_processes)
         self.checkpointer.save(self.state)
 
     def count_train_time(self):
@@ -1154,9 +1156,9 @@ class StreamedBlocks(torch.utils.data.IterableDataset):
         self.start = position  # None: the stream's beginning
 
     def position_after(self, blocks):
-        """Where the stream stands once `blocks` of its blocks (counted from the start of this
-        pass) are used: the batch of lines that holds the next block's first token, the line in
-        it, and the token in that line."""
+        """Where the stream stands once `blocks` of its blocks (counted from its beginning, across
+        resumed runs) are used: the batch of lines that holds the next block's first token, the
+        line in it, and the token in that line."""
         for given, position in self.positions:
             if given == blocks:
                 return position

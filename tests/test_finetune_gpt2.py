@@ -326,14 +326,15 @@ def test_streaming_trains_and_a_killed_run_resumes_at_its_place_in_the_stream(ti
     runs = []
     for name, stop in (("uninterrupted", None), ("killed", [9, 4, str(tmp_path / "killed")]), ("rerun", None)):
         out = tmp_path / ("killed" if name != "uninterrupted" else "uninterrupted")
-        argv_ = argv(tiny_gpt2, *text_files, out, "--streaming", "--max_train_steps", 12, "--checkpointing_steps", 2)
+        # 13 steps, a checkpoint every 2: the last one is the end's, and holds the place too.
+        argv_ = argv(tiny_gpt2, *text_files, out, "--streaming", "--max_train_steps", 13, "--checkpointing_steps", 2)
         runs.append({"script": "finetune_gpt2", "argv": argv_ + ["--max_new_tokens", 0], "engine": "one"})
         runs[-1] |= {"name": name, "signal_when_saved": stop} if stop else {"name": name}
     assert helpers.launch(runs, tmp_path / "logs") == [0, -9, 0], helpers.log_of(runs[1])[-2000:]
     assert "Resumed from" in helpers.log_of(runs[2]) and "streamed training" in helpers.log_of(runs[0])
     assert final_weights(tmp_path / "killed") == final_weights(tmp_path / "uninterrupted")
     state = newest_state(tmp_path / "uninterrupted")
-    assert state["completed_steps"] == 12 and state["stream_position"]["given"] == 12 * 8  # 12 steps of 8 blocks
+    assert state["completed_steps"] == 13 and state["stream_position"]["given"] == 13 * 8  # 13 steps of 8 blocks
 
 
 def test_streaming_says_what_it_cannot_do(tiny_gpt2, text_files, tmp_path, capsys):
