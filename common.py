@@ -796,6 +796,7 @@ def train_with_a_batch_that_fits(train_fn, args):
 
 # ---- Data: files, the hub, token files, streams.
 VALIDATION_SPLITS = ("validation", "validation_matched", "valid", "dev")  # MNLI: validation_matched
+TEST_SPLITS = ("test", "test_matched")
 
 
 TEXTS = (".txt", ".raw", ".text")  # extensions of plain text files
@@ -847,23 +848,28 @@ def from_pretrained(auto_class, name, what="model", **options):
         ) from None
 
 
-def load_hub_dataset(name, config_name=None, streaming=False):
-    """The train split and the validation split (None if there is none) of a hub data set or of a
-    folder saved with `save_to_disk`; one clear line when it cannot be had."""
+def load_hub_splits(name, config_name=None, streaming=False):
+    """Every split of a hub data set or of a folder saved with `save_to_disk` (a DatasetDict);
+    one clear line when it cannot be had."""
     try:
         saved = (Path(name) / "dataset_dict.json").exists()  # a folder written by save_to_disk
-        if saved:
-            raw = datasets.load_from_disk(name)
-            raw = (
-                datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in raw.items()}) if streaming else raw
-            )
-        else:
-            raw = datasets.load_dataset(name, config_name, streaming=streaming)
+        if not saved:
+            return datasets.load_dataset(name, config_name, streaming=streaming)
+        raw = datasets.load_from_disk(name)
     except (OSError, ValueError) as err:  # OSError: FileNotFoundError and network errors
         raise UserError(
             f"--dataset_name {name}: cannot load it ({first_line(err)}); check the name and the network, "
             "or pass local files with --train_file and --validation_file"
         ) from None
+    if streaming:
+        return datasets.IterableDatasetDict({split: data.to_iterable_dataset() for split, data in raw.items()})
+    return raw
+
+
+def load_hub_dataset(name, config_name=None, streaming=False):
+    """The train split and the validation split (None if there is none) of a hub data set or of a
+    folder saved with `save_to_disk`."""
+    raw = load_hub_splits(name, config_name, streaming)
     if "train" not in raw:
         raise UserError(f"--dataset_name {name} has no 'train' split (it has {list(raw)}); pass local files instead")
     return raw["train"], next((raw[split] for split in VALIDATION_SPLITS if split in raw), None)
@@ -871,9 +877,8 @@ def load_hub_dataset(name, config_name=None, streaming=False):
 
 def load_hub_test_split(name, config_name=None):
     """The test split of a hub data set (MNLI: test_matched), or a clear line that it has none."""
-    saved = (Path(name) / "dataset_dict.json").exists()
-    raw = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, config_name)
-    for split in ("test", "test_matched"):
+    raw = load_hub_splits(name, config_name)
+    for split in TEST_SPLITS:
         if split in raw:
             return raw[split]
     raise UserError(f"--do_predict: --dataset_name {name} has no 'test' split (it has {list(raw)}); pass --test_file")
