@@ -211,7 +211,7 @@ def auto_mixed_precision(device_type, capability=None):
     """bf16 on TPUs and on GPUs of compute capability 8.0 or more (A100, L4, H100), which compute
     in it natively. fp16 with loss scaling on older GPUs (Colab's T4 is 7.5, a V100 7.0): they
     have no bf16 units, and torch.cuda.is_bf16_supported() says yes there only because it counts
-    slow emulation. None on a CPU."""
+    slow emulation. "no" on a CPU."""
     if device_type == "xla":
         return "bf16"
     if device_type == "cuda":
@@ -249,7 +249,7 @@ def make_dataloaders(
     of its own: without one, each new pass over it draws a seed from the global random state,
     which dropout uses and checkpoints restore, so a resumed run (one pass more) would drop other
     units. On a GPU, worker processes build the next batches while it computes, into pinned
-    memory, which it copies from faster."""
+    memory, which it copies from faster (not for a stream: its place is kept in this process)."""
     on_gpu = accelerator.device.type == "cuda"
     workers = 2 if on_gpu else 0
     if args.dataloader_num_workers is not None:
@@ -515,8 +515,9 @@ class Run:
         """state.train_seconds: the time of this run so far, and of the runs it resumed."""
         self.state.train_seconds = self.seconds_before + time.monotonic() - self.started
 
-    def model_card(self, results):
-        """best/'s model card, for `results` (eval_results.json's): see model_card."""
+    def model_card(self, results, loss_curve=False):
+        """best/'s model card, for `results` (eval_results.json's): see model_card. `loss_curve`:
+        best/ holds loss.png (only at the end: finish copies it there first)."""
         self.count_train_time()
         device = self.accelerator.device.type.upper()
         if device == "CUDA":
@@ -524,7 +525,7 @@ class Run:
         hardware = {"processes": self.accelerator.num_processes, "device": device}
         hardware["precision"] = self.accelerator.mixed_precision
         config = self.accelerator.unwrap_model(self.model).config
-        return model_card(self.args, self.about, self.state, results, config, hardware)
+        return model_card(self.args, self.about, self.state, results, config, hardware, loss_curve)
 
     def save_due(self):
         """Step saves are the same on every process; the clock and signals are not, so with
@@ -561,7 +562,7 @@ class Run:
         results = json.loads((self.output_dir / "eval_results.json").read_text()) | (test_metrics or {})
         write_json(self.output_dir / "eval_results.json", results)
         shutil.copy(self.output_dir / "loss.png", self.best_dir / "loss.png")
-        self.model_card(results).save(self.best_dir / "README.md")
+        self.model_card(results, loss_curve=True).save(self.best_dir / "README.md")
         best = self.state.best_metric
         print(f"Best {self.metric}: {best:.4f} at step {self.state.best_step}; model in {self.best_dir}")
         if test_metrics:
@@ -1671,12 +1672,13 @@ def export_model(accelerator, model, tokenizer, path, card=None):
     accelerator.wait_for_everyone()
 
 
-def model_card(args, about, state, metrics, config, hardware):
+def model_card(args, about, state, metrics, config, hardware, loss_curve=False):
     """best/README.md, for people and for the Hub (which reads the metadata that
     huggingface_hub's ModelCardData writes), from the template model_card.md: what the model does
     and what it started from, its data, its metrics and the step they were reached at, the
     command that trains it again, the main settings, the hardware and the time, the evaluations
-    so far. `about`: the script's pipeline_tag and task; `metrics`: eval_results.json's."""
+    so far. `about`: the script's pipeline_tag and task; `metrics`: eval_results.json's;
+    `loss_curve`: best/ holds loss.png, which the card then shows."""
     scores = {key: value for key, value in metrics.items() if key != "step"}
     meta = card_metadata(args, about, scores)
     base = args.model_name_or_path
@@ -1704,7 +1706,7 @@ def model_card(args, about, state, metrics, config, hardware):
         meta, template_path=str(Path(__file__).with_name("model_card.md")), name=Path(args.output_dir).name,
         task=about["task"], origin=origin, step=metrics.get("step"), steps_done=state.completed_steps, scores=scores,
         data=data_name(args), validation=args.validation_file or held_out, command=args.command, settings=settings,
-        evaluations=evaluations, eval_keys=eval_keys, loss_curve=(Path(args.output_dir) / "best" / "loss.png").exists(),
+        evaluations=evaluations, eval_keys=eval_keys, loss_curve=loss_curve,
     )  # fmt: skip
 
 
