@@ -34,6 +34,7 @@ from pathlib import Path
 import datasets
 import huggingface_hub
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState
@@ -977,9 +978,10 @@ class TokenFile:
     """Every token of a text, one line after the other, in one flat array on disk (uint16 where
     the vocabulary fits, else uint32), as nanoGPT's prepare.py writes a corpus: training reads
     slices of it through np.memmap, so memory stays flat however large the text, and a re-run of
-    the same command finds it and starts at once. Two .npy files, whose headers hold their
-    lengths: <name>.lines.npy, where each line starts, then <name>.tokens.npy, written last. Each
-    is written under a temporary name and renamed when whole; one cut short no longer opens."""
+    the same command finds it and starts at once. Two .npy files: <name>.lines.npy, where each
+    line starts, and <name>.tokens.npy. Both are filled under temporary names and renamed when
+    whole, the tokens last, so a kill while writing leaves no token file that opens; and since a
+    .npy header holds the array's length, a file cut short later does not open either."""
 
     def __init__(self, path):
         self.tokens_path, self.lines_path = Path(f"{path}.tokens.npy"), Path(f"{path}.lines.npy")
@@ -1015,8 +1017,9 @@ class TokenFile:
             writer = old.name.split("-")[1]
             if writer == str(os.getpid()) or not process_exists(writer):
                 old.unlink()
-        lengths = encoded.select_columns(["length"]).with_format("numpy")
-        total = sum(int(batch["length"].sum()) for batch in lengths.iter(batch_size=100_000))
+        # How many tokens: the sum of the lines' lengths, which Arrow keeps apart from the ids
+        # themselves (the list offsets): counted without reading the ids.
+        total = pc.sum(pc.list_value_length(encoded.data.column("input_ids"))).as_py() or 0
         dtype = token_dtype(vocabulary_size)
         tmp = {path: path.with_name(f".tmp-{os.getpid()}-{path.name}") for path in (self.lines_path, self.tokens_path)}
         starts = np.lib.format.open_memmap(tmp[self.lines_path], mode="w+", dtype=np.int64, shape=(len(encoded) + 1,))
@@ -1056,13 +1059,12 @@ def tokenize_to_file(texts, tokenize, tokenizer, args, what, recipe):
         return token_file
 
     def encode(batch):
-        ids = tokenize(batch["text"])
-        return {"input_ids": ids, "length": [len(line) for line in ids]}
+        return {"input_ids": tokenize(batch["text"])}
 
     # The ids are stored as the token file will hold them (uint16 for most vocabularies): half
     # the disk of datasets' default int32, for the moment both exist.
     ids = datasets.Value(np.dtype(token_dtype(len(tokenizer))).name)
-    features = datasets.Features({"input_ids": datasets.List(ids), "length": datasets.Value("int64")})
+    features = datasets.Features({"input_ids": datasets.List(ids)})
     started, workers = time.perf_counter(), min(preprocessing_workers(args), max(1, len(texts)))
     text_bytes = texts.data.nbytes  # the text as Arrow holds it, about its size in UTF-8
     # A worker is one process tokenizing on one thread, so N workers use N cores. The fast
