@@ -1561,9 +1561,10 @@ def check_settings(accelerator, saved, current, path):
     otherwise (processes x per-device batch x accumulation) if its global size stays: each
     optimizer step then sees the same examples."""
     changed = [key for key, value in current.items() if key in saved and saved[key] != value]
-    what_changed = "; ".join(f"{key}: {saved[key]!r} -> {current[key]!r}" for key in changed)
-    if any(key not in BATCH_GEOMETRY for key in changed):
-        other = "; ".join(f"{key}: {saved[key]!r} -> {current[key]!r}" for key in changed if key not in BATCH_GEOMETRY)
+    described = {key: f"{key}: {saved[key]!r} -> {current[key]!r}" for key in changed}
+    what_changed = "; ".join(described.values())
+    other = "; ".join(described[key] for key in changed if key not in BATCH_GEOMETRY)
+    if other:  # a setting that changes what is learned
         raise UserError(
             f"the checkpoint in {path.parent} was made with other settings ({other}); "
             "use the same settings to resume, or --no_resume / another --output_dir to start fresh"
