@@ -362,7 +362,7 @@ def summary(args, model, tokens_per_second, last_loss, steps):
     """A row's result. One MFU formula for every row: common.flops_per_token of the model at this
     block size, x tokens/s, / the device's dense peak."""
     flops = common.flops_per_token(model, args.block_size)
-    peak = device_peak_flops(args.precision)
+    peak = common.peak_flops(DEVICE, args.precision)  # None on a CPU or a GPU not in its table
     return {
         "tokens_per_second": tokens_per_second,
         "mfu": tokens_per_second * flops / peak if peak else None,
@@ -371,19 +371,6 @@ def summary(args, model, tokens_per_second, last_loss, steps):
         "last_loss": last_loss,
         "steps": steps,
     }
-
-
-def device_peak_flops(precision):
-    """The GPU's dense peak FLOP/s (bf16/fp16; TF32 for fp32) from common.PEAK_FLOPS, or None: a
-    CPU, or a GPU not in the table. A key must be whole words of the GPU's name: the L4's peak is
-    not the L40S's (common.peak_flops matches substrings)."""
-    if DEVICE.type != "cuda":
-        return None
-    words = torch.cuda.get_device_name().replace("-", " ").split()
-    for key, (half, tf32) in common.PEAK_FLOPS.items():
-        if all(word in words for word in key.split()):
-            return half if precision in ("bf16", "fp16") else tf32
-    return None
 
 
 def peak_memory_gib():
@@ -424,7 +411,7 @@ def print_table(args, results):
             f"| {row} | {what} | {r['tokens_per_second']:,.0f} | {mfu} | {r['peak_memory_gib']:.2f} GiB | "
             f"{r['last_loss']:.4f} | {ratio(r, results.get('trainer'))} | {ratio(r, results.get('minimal'))} |"
         )
-    if DEVICE.type != "cuda" or device_peak_flops(args.precision) is None:
+    if common.peak_flops(DEVICE, args.precision) is None:
         print("MFU n/a: no dense peak FLOP/s is known for this device (GPUs in common.PEAK_FLOPS only).")
 
 
