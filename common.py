@@ -12,7 +12,6 @@ import argparse
 import atexit
 import collections
 import contextlib
-import copy
 import errno
 import glob
 import hashlib
@@ -1158,7 +1157,7 @@ class StreamedBlocks(torch.utils.data.IterableDataset):
     def __init__(self, lines, tokenize, block_size=None, special_ids=None):
         self.lines, self.tokenize, self.block_size = lines, tokenize, block_size
         self.special_ids = None if special_ids is None else np.array(sorted(special_ids))
-        self.start, self.positions = None, collections.deque(maxlen=10_000)  # (blocks given, where they end)
+        self.start, self.positions = None, collections.deque(maxlen=10_000)  # where the last blocks given end
 
     def start_at(self, position):
         self.start = position  # None: the stream's beginning
@@ -1167,8 +1166,8 @@ class StreamedBlocks(torch.utils.data.IterableDataset):
         """Where the stream stands once `blocks` of its blocks (counted from its beginning, across
         resumed runs) are used: the batch of lines that holds the next block's first token, the
         line in it, and the token in that line."""
-        for given, position in self.positions:
-            if given == blocks:
+        for position in self.positions:
+            if position["given"] == blocks:
                 return position
         return self.start  # none given yet in this run: where it started
 
@@ -1194,9 +1193,9 @@ class StreamedBlocks(torch.utils.data.IterableDataset):
                     # After this block: this batch of lines, the line (or the next one), the token
                     # the rest begins at.
                     line, token = (number, len(ids) - rest) if rest else (number + 1, 0)
-                    self.positions.append((given, {"given": given, "source": source, "line": line, "token": token}))
+                    self.positions.append({"given": given, "source": source, "line": line, "token": token})
                     yield lm_sample(piece, self.special_ids)
-            source, resuming = copy.deepcopy(self.lines.state_dict()), False  # where the next batch starts
+            source, resuming = self.lines.state_dict(), False  # where the next batch starts (a copy)
 
     def cut(self, buffer, ids):
         """The blocks that `ids` completes, each with how many tokens of the stream are left
