@@ -885,20 +885,32 @@ def load_hub_test_split(name, config_name=None):
     raise UserError(f"--do_predict: --dataset_name {name} has no 'test' split (it has {list(raw)}); pass --test_file")
 
 
+def load_texts(args, accelerator, keep_linebreaks=True):
+    """The training, validation and (--test_file, else None) test text, read by the main process
+    first: the others then read its cache."""
+    with accelerator.main_process_first():
+        train, validation = load_text_data(args, keep_linebreaks)
+        test = None
+        if args.test_file:  # held-out text, scored with best/ after training
+            test = load_text_files(args.test_file, "--test_file", keep_linebreaks)
+    return train, validation, test
+
+
 def load_text_data(args, keep_linebreaks=True):
     """Train and validation data sets with one `text` row per line, from local files (globs
     allowed) or the hub. keep_linebreaks leaves each line's "\\n", as WikiText has it, so packed
     text keeps its lines. Without validation text, the last --validation_split_percentage of the
-    lines are held out (contiguous, not interleaved)."""
-    if args.streaming:
-        return load_text_stream(args, keep_linebreaks)
+    lines are held out (contiguous, not interleaved). --streaming: see stream_splits."""
+    streaming = args.streaming
     if args.train_file:
-        train = load_text_files(args.train_file, "--train_file", keep_linebreaks)
+        train = load_text_files(args.train_file, "--train_file", keep_linebreaks, streaming)
         validation = None
         if args.validation_file:
-            validation = load_text_files(args.validation_file, "--validation_file", keep_linebreaks)
+            validation = load_text_files(args.validation_file, "--validation_file", keep_linebreaks, streaming)
     else:
-        train, validation = load_hub_dataset(args.dataset_name, args.dataset_config_name)
+        train, validation = load_hub_dataset(args.dataset_name, args.dataset_config_name, streaming)
+    if streaming:
+        return stream_splits(args, train, validation)
     if validation is None:
         if len(train) < 2:
             raise UserError("the training text has fewer than 2 lines: too little to hold out validation text")
@@ -910,17 +922,10 @@ def load_text_data(args, keep_linebreaks=True):
     return first_n(train, args.max_train_samples), first_n(validation, args.max_eval_samples)
 
 
-def load_text_stream(args, keep_linebreaks):
+def stream_splits(args, train, validation):
     """--streaming: the training lines as they are read (a datasets IterableDataset), for text
     larger than the disk, and the first --max_eval_samples validation lines (10,000 unless
     given), which evaluation reads into memory. (check_args has made sure of --max_train_steps.)"""
-    if args.train_file:
-        train = load_text_files(args.train_file, "--train_file", keep_linebreaks, streaming=True)
-        validation = None
-        if args.validation_file:
-            validation = load_text_files(args.validation_file, "--validation_file", keep_linebreaks, streaming=True)
-    else:
-        train, validation = load_hub_dataset(args.dataset_name, args.dataset_config_name, streaming=True)
     if validation is None:  # a percentage of a stream of unknown length cannot be held out
         raise UserError(
             "--streaming cannot hold out --validation_split_percentage of a stream: pass --validation_file, or a data "
@@ -933,13 +938,6 @@ def load_text_stream(args, keep_linebreaks):
             "note: --streaming evaluates on the first 10,000 validation lines; --max_eval_samples sets another number"
         )
     return train, validation.take(args.max_eval_samples or 10_000)
-
-
-def load_test_text(args, keep_linebreaks=True):
-    """--test_file's lines (held-out text, scored with best/ after training), or None without it."""
-    if not args.test_file:
-        return None
-    return load_text_files(args.test_file, "--test_file", keep_linebreaks)
 
 
 def load_text_files(pattern, flag, keep_linebreaks, streaming=False):
@@ -971,6 +969,35 @@ def preprocessing_workers(args):
     if args.preprocessing_num_workers:
         return args.preprocessing_num_workers
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def language_model_samples(args, accelerator, texts, make_samples, what):
+    """`make_samples(text, split_name)` of the training, validation and test `texts` (load_texts';
+    no training samples with --eval_only, no test samples without test text), made by each
+    machine's first process (the others then read its token files), and a line saying how many
+    `what` (samples of how many tokens) there are."""
+    train_text, eval_text, test_text = texts
+    train, test = None, None
+    with accelerator.local_main_process_first():
+        if not args.eval_only:
+            train = make_samples(train_text, "training")
+        validation = make_samples(eval_text, "validation")
+        if test_text is not None:
+            test = make_samples(test_text, "test")
+    training = "streamed" if args.streaming else f"{length(train) or 0:,}"
+    accelerator.print(f"{training} training and {len(validation):,} validation {what}")
+    return train, validation, test
+
+
+def token_samples(texts, tokenize, tokenizer, args, split_name, recipe, block_size=None, special_ids=None):
+    """A split's samples (TokenSamples), from the token file of `texts` (see tokenize_to_file),
+    or with --streaming made as training reads on (StreamedBlocks; the validation and test lines
+    are few: read once, into memory)."""
+    if args.streaming:
+        samples = StreamedBlocks(texts, tokenize, block_size, special_ids)
+        return samples if split_name == "training" else list(samples)
+    token_file = tokenize_to_file(texts, tokenize, tokenizer, args, split_name, recipe)
+    return TokenSamples(token_file, block_size, special_ids)
 
 
 class TokenFile:

@@ -139,21 +139,12 @@ def max_positions(model, tokenizer):
 def get_data(args, accelerator, tokenizer, block_size):
     """The training, validation and (--test_file) test blocks. --eval_only needs no training
     blocks."""
-    with accelerator.main_process_first():  # the main process reads the text; the others read its cache
-        train_text, eval_text = common.load_text_data(args)
-        test_text = common.load_test_text(args)
-    train_data, test_data = None, None
-    with accelerator.local_main_process_first():  # each machine's first process tokenizes; the others read its file
-        if not args.eval_only:
-            train_data = tokenize_and_pack(train_text, tokenizer, block_size, "training", args)
-        eval_data = tokenize_and_pack(eval_text, tokenizer, block_size, "validation", args)
-        if test_text is not None:
-            test_data = tokenize_and_pack(test_text, tokenizer, block_size, "test", args)
-    training = common.length(train_data) or 0  # (none for --eval_only)
-    if args.streaming:
-        training = "streamed"
-    accelerator.print(f"{training} training and {len(eval_data)} validation blocks of {block_size} tokens")
-    return train_data, eval_data, test_data
+    texts = common.load_texts(args, accelerator)
+
+    def blocks_of(text, split_name):
+        return tokenize_and_pack(text, tokenizer, block_size, split_name, args)
+
+    return common.language_model_samples(args, accelerator, texts, blocks_of, f"blocks of {block_size} tokens")
 
 
 def tokenize_and_pack(texts, tokenizer, block_size, split_name, args):
@@ -163,13 +154,9 @@ def tokenize_and_pack(texts, tokenizer, block_size, split_name, args):
     def tokenize(lines):
         return tokenizer(lines)["input_ids"]
 
-    if args.streaming:  # blocks made as training reads on; the validation lines are few: read once, into memory
-        blocks = common.StreamedBlocks(texts, tokenize, block_size)
-        return blocks if split_name == "training" else list(blocks)
-    token_file = common.tokenize_to_file(texts, tokenize, tokenizer, args, split_name, recipe="causal-lm")
-    blocks = common.TokenSamples(token_file, block_size)
-    if len(blocks) == 0:
-        found = token_file.num_tokens
+    blocks = common.token_samples(texts, tokenize, tokenizer, args, split_name, "causal-lm", block_size)
+    if not args.streaming and len(blocks) == 0:
+        found = blocks.token_file.num_tokens
         raise common.UserError(
             f"the {split_name} text has {found} tokens: fewer than one block of --block_size {block_size}; "
             f"add text or pass --block_size {max(2, found)} or less"

@@ -13,7 +13,6 @@
    --fill_mask_prompt. Re-running the same command continues from the newest checkpoint in
    --output_dir."""
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -102,7 +101,7 @@ def train(args):
     # The training batches stay on the CPU: they are masked there (see mask_tokens), then moved.
     train_dataloader = accelerator.prepare_data_loader(train_dataloader, device_placement=False)
     # A checkpoint made with another tokenizer or text is not resumed (common.Checkpointer).
-    data = {"tokenizer_sha256": tokenizer_hash(args), "train_samples": common.length(train_data)}
+    data = {"tokenizer": common.tokenizer_fingerprint(tokenizer), "train_samples": common.length(train_data)}
     run = common.Run(
         accelerator, args, model=model, tokenizer=tokenizer, lr_scheduler=lr_scheduler,
         train_dataloader=train_dataloader, flops_per_token=flops, settings=data, may_change=MAY_CHANGE,
@@ -152,23 +151,14 @@ def refuse_fsdp(accelerator):
 def get_data(args, accelerator):
     """The tokenizer, and the training, validation and (--test_file) test samples. --eval_only
     needs no training samples."""
-    with accelerator.main_process_first():  # the main process reads the text; the others read its cache
-        train_text, eval_text = common.load_text_data(args, keep_linebreaks=False)
-        test_text = common.load_test_text(args, keep_linebreaks=False)
-    tokenizer = get_tokenizer(accelerator, train_text, args)
-    train_data, test_data = None, None
-    with accelerator.local_main_process_first():  # each machine's first process tokenizes; the others read its file
-        if not args.eval_only:
-            train_data = prepare_data(train_text, tokenizer, args, "training")
-        eval_data = prepare_data(eval_text, tokenizer, args, "validation")
-        if test_text is not None:
-            test_data = prepare_data(test_text, tokenizer, args, "test")
-    training = f"{common.length(train_data) or 0:,}"  # (none for --eval_only)
-    if args.streaming:
-        training = "streamed"
-    accelerator.print(
-        f"{training} training and {len(eval_data):,} validation samples of up to {args.max_seq_length} tokens"
-    )
+    texts = common.load_texts(args, accelerator, keep_linebreaks=False)  # training, validation, test
+    tokenizer = get_tokenizer(accelerator, texts[0], args)  # trained on the training text
+
+    def samples_of(text, split_name):
+        return prepare_data(text, tokenizer, args, split_name)
+
+    what = f"samples of up to {args.max_seq_length} tokens"
+    train_data, eval_data, test_data = common.language_model_samples(args, accelerator, texts, samples_of, what)
     return tokenizer, train_data, eval_data, test_data
 
 
@@ -235,13 +225,10 @@ def prepare_data(texts, tokenizer, args, split_name):
         return tokenizer([line for line in lines if line.strip()], **cut)["input_ids"]
 
     block_size = None if args.line_by_line else args.max_seq_length
-    if args.streaming:  # samples made as training reads on; the validation lines are few: read once, into memory
-        data = common.StreamedBlocks(texts, tokenize, block_size, special_ids=tokenizer.all_special_ids)
-        return data if split_name == "training" else list(data)
     recipe = f"lines of at most {args.max_seq_length}" if args.line_by_line else "whole lines"
-    token_file = common.tokenize_to_file(texts, tokenize, tokenizer, args, split_name, recipe)
-    data = common.TokenSamples(token_file, block_size, special_ids=tokenizer.all_special_ids)
-    if len(data) == 0:
+    special = tokenizer.all_special_ids
+    data = common.token_samples(texts, tokenize, tokenizer, args, split_name, recipe, block_size, special)
+    if not args.streaming and len(data) == 0:
         raise common.UserError(
             f"the {split_name} text is shorter than one block of --max_seq_length {args.max_seq_length} tokens; "
             "add text, lower --max_seq_length, or use --line_by_line"
@@ -304,11 +291,6 @@ class FixedMasks(torch.utils.data.Dataset):
             sample["input_ids"][None].clone(), special_tokens_mask=sample["special_tokens_mask"][None]
         )
         return {"input_ids": input_ids[0], "attention_mask": sample["attention_mask"], "labels": labels[0]}
-
-
-def tokenizer_hash(args):
-    path = Path(args.model_name_or_path or args.output_dir) / "tokenizer.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 def mask_tokens(masker, batch, device):
