@@ -56,12 +56,6 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 DRIVE_MOUNT, DRIVE_ROOT, DRIVE_FOLDER = "/content/drive", "/content/drive/MyDrive", "lm-training"
 
 
-STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete
-
-
-LOCK_FILE = ".lock"  # in --output_dir while a run uses it
-
-
 class UserError(Exception):
     """Bad input or a bad setting: the message names the problem and the fix."""
 
@@ -318,6 +312,29 @@ class EpochSampler(torch.utils.data.Sampler):
         return math.ceil(self.num_samples / self.global_batch) * self.global_batch
 
 
+def flops_per_token(model, seq_len):
+    """Training FLOPs per token as nanoGPT and the PaLM paper count them: 6 per weight in a
+    matrix product (2 forward, 4 backward), plus attention's 12 x layers x width x sequence
+    length. Embedding lookups are no matrix products; an output layer tied to the embeddings is.
+    Counted before `prepare`, which splits weights under FSDP, and from each weight's whole
+    shape, which ZeRO-3 splits as the model loads."""
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
+    matmul = sum(math.prod(full_shape(p)) for p in model.parameters() if id(p) not in embeddings)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        matmul += math.prod(full_shape(head.weight))
+    # Hugging Face configs map these names (GPT-2's n_layer, n_embd too); where one is missing, no
+    # attention term.
+    layers, width = getattr(model.config, "num_hidden_layers", 0), getattr(model.config, "hidden_size", 0)
+    return 6 * matmul + 12 * layers * width * seq_len
+
+
+def full_shape(param):
+    """A weight's shape. DeepSpeed ZeRO-3 splits weights over the processes as the model loads:
+    each then holds an empty tensor here, and its whole shape is in `ds_shape`."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 def make_optimizer(model, args, device):
     """AdamW without weight decay on biases and normalization weights (the 1-D tensors); fused on
     a GPU: one kernel for all parameters instead of one per tensor."""
@@ -329,18 +346,13 @@ def make_optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
 
 
-def full_shape(param):
-    """A weight's shape. DeepSpeed ZeRO-3 splits weights over the processes as the model loads:
-    each then holds an empty tensor here, and its whole shape is in `ds_shape`."""
-    return getattr(param, "ds_shape", param.shape)
-
-
 def make_scheduler(accelerator, optimizer, args, train_dataloader):
     """The learning-rate schedule, counted in optimizer steps. Made before `prepare`, which must
     see it with the model and the optimizer (DeepSpeed drives it from its engine then, and
     checkpoints hold it), so the training batches per process are counted here: the EpochSampler
     makes them divide exactly."""
-    total_steps = training_steps(batches_per_process(train_dataloader, accelerator.num_processes), args)[1]
+    batches = batches_per_process(train_dataloader, accelerator.num_processes)
+    steps_per_epoch, total_steps, epochs = training_steps(batches, args)
     return get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
 
 
@@ -362,23 +374,6 @@ def training_steps(batches_per_epoch, args):
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
-
-
-def flops_per_token(model, seq_len):
-    """Training FLOPs per token as nanoGPT and the PaLM paper count them: 6 per weight in a
-    matrix product (2 forward, 4 backward), plus attention's 12 x layers x width x sequence
-    length. Embedding lookups are no matrix products; an output layer tied to the embeddings is.
-    Counted before `prepare`, which splits weights under FSDP, and from each weight's whole
-    shape, which ZeRO-3 splits as the model loads."""
-    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
-    matmul = sum(math.prod(full_shape(p)) for p in model.parameters() if id(p) not in embeddings)
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is model.get_input_embeddings().weight:
-        matmul += math.prod(full_shape(head.weight))
-    # Hugging Face configs map these names (GPT-2's n_layer, n_embd too); where one is missing, no
-    # attention term.
-    layers, width = getattr(model.config, "num_hidden_layers", 0), getattr(model.config, "hidden_size", 0)
-    return 6 * matmul + 12 * layers * width * seq_len
 
 
 def set_fsdp_units(accelerator, model):
@@ -403,6 +398,22 @@ def holds(model, class_name, part):
 
 
 # ---- The bookkeeping around the loop.
+@dataclass
+class TrainingState:
+    """Where training stands, saved in every checkpoint (never guessed from folder names)."""
+
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on (per process)
+    completed_steps: int = 0  # optimizer steps, over all epochs
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    log_history: list = field(default_factory=list)
+    stream_position: dict | None = None  # --streaming: where in the stream the used blocks end (StreamedBlocks)
+    train_seconds: float = 0.0  # time spent in this run and the ones it resumed (for the model card)
+
+
 class Run:
     """The bookkeeping around a training loop: where training stands (TrainingState), counting
     batches and optimizer steps, logging and checkpointing when due, and at each epoch's end
@@ -415,13 +426,9 @@ class Run:
         self, accelerator, args, *, model, tokenizer, lr_scheduler, train_dataloader, flops_per_token, settings,
         may_change=(), metric_for_best_model="loss", stream=None, about,
     ):  # fmt: skip
-        self.accelerator, self.args, self.lr_scheduler, self.flops_per_token = (
-            accelerator,
-            args,
-            lr_scheduler,
-            flops_per_token,
-        )
-        self.model, self.tokenizer, self.stream, self.about = model, tokenizer, stream, about
+        self.accelerator, self.args = accelerator, args
+        self.model, self.tokenizer, self.lr_scheduler = model, tokenizer, lr_scheduler
+        self.flops_per_token, self.stream, self.about = flops_per_token, stream, about
         self.metric = metric_for_best_model
         self.output_dir = Path(args.output_dir)
         self.best_dir = self.output_dir / "best"
@@ -440,7 +447,25 @@ class Run:
         if self.stream is not None:  # --streaming: the stream goes on from the checkpoint's place in it
             self.stream.start_at(self.state.stream_position)
         StopSignals.catch()
+        self.say_plan()
         self.progress = Progress(self.accelerator, self, self.lr_scheduler, self.flops_per_token)
+
+    def say_plan(self):
+        """One line on what the run will do: how long, with which batch, where, in which precision
+        (or that it had finished)."""
+        acc, args, state = self.accelerator, self.args, self.state
+        if self.finished():
+            acc.print(
+                f"Training already finished in {self.output_dir} ({state.completed_steps} steps); "
+                "raise --num_train_epochs or --max_train_steps to train further."
+            )
+            return
+        batch = (args.per_device_train_batch_size, args.gradient_accumulation_steps, acc.num_processes)
+        acc.print(
+            f"Training for {self.num_epochs} epochs, {self.total_steps} optimizer steps ({self.steps_per_epoch} per "
+            f"epoch), global batch {math.prod(batch)} ({batch[0]} per device x {batch[1]} accumulated x {batch[2]} "
+            f"process(es)), {acc.device}, mixed precision: {acc.mixed_precision}"
+        )
 
     def finished(self):
         return self.state.completed_steps >= self.total_steps or self.state.stopped_early
@@ -477,6 +502,21 @@ class Run:
                 self.progress.throughput.pause()
                 self.save_checkpoint()  # exits here if a signal asked for the save
                 self.progress.throughput.resume()
+
+    def save_due(self):
+        """Step saves are the same on every process; the clock and signals are not, so with
+        several processes they are compared (a collective: it waits for the devices) only at
+        logging steps, which wait for them anyway."""
+        state, steps, minutes = self.state, self.args.checkpointing_steps, self.args.save_every_minutes
+        by_steps = bool(steps and state.completed_steps % steps == 0)
+        by_clock = bool(minutes and time.monotonic() - self.checkpointer.last_save_time >= 60 * minutes)
+        due = by_steps or by_clock or StopSignals.received is not None
+        if self.accelerator.num_processes == 1:
+            return due
+        if state.completed_steps % self.args.logging_steps:
+            return by_steps
+        flag = torch.tensor([float(due)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def end_epoch(self, metrics):
         """At an epoch's end: log the evaluation, export the model if it is the best so far, stop
@@ -527,21 +567,6 @@ class Run:
         config = self.accelerator.unwrap_model(self.model).config
         return model_card(self.args, self.about, self.state, results, config, hardware, loss_curve)
 
-    def save_due(self):
-        """Step saves are the same on every process; the clock and signals are not, so with
-        several processes they are compared (a collective: it waits for the devices) only at
-        logging steps, which wait for them anyway."""
-        state, steps, minutes = self.state, self.args.checkpointing_steps, self.args.save_every_minutes
-        by_steps = bool(steps and state.completed_steps % steps == 0)
-        by_clock = bool(minutes and time.monotonic() - self.checkpointer.last_save_time >= 60 * minutes)
-        due = by_steps or by_clock or StopSignals.received is not None
-        if self.accelerator.num_processes == 1:
-            return due
-        if state.completed_steps % self.args.logging_steps:
-            return by_steps
-        flag = torch.tensor([float(due)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
-
     def finish(self, test_metrics=None):
         """The end: peak GPU memory, log_history.json, loss.png; best/'s test metrics (test_*,
         from score_best) into eval_results.json, its model card with the whole run's evaluations
@@ -579,19 +604,6 @@ class Progress:
 
     def __init__(self, accelerator, run, lr_scheduler, flops_per_token):
         self.accelerator, self.run, self.lr_scheduler = accelerator, run, lr_scheduler
-        if run.finished():
-            accelerator.print(
-                f"Training already finished in {run.output_dir} ({run.state.completed_steps} steps); "
-                "raise --num_train_epochs or --max_train_steps to train further."
-            )
-        else:
-            args, processes = run.args, accelerator.num_processes
-            batch = (args.per_device_train_batch_size, args.gradient_accumulation_steps, processes)
-            accelerator.print(
-                f"Training for {run.num_epochs} epochs, {run.total_steps} optimizer steps ({run.steps_per_epoch} per "
-                f"epoch), global batch {math.prod(batch)} ({batch[0]} per device x {batch[1]} accumulated x {batch[2]} "
-                f"process(es)), {accelerator.device}, mixed precision: {accelerator.mixed_precision}"
-            )
         self.throughput = Throughput(accelerator, flops_per_token)
         self.losses = []
         disable = not accelerator.is_main_process  # one bar, on the main process
@@ -619,22 +631,6 @@ class Progress:
         state = self.run.state
         state.log_history.append({"step": state.completed_steps, "epoch": state.epoch, **metrics})
         self.accelerator.log(metrics, step=state.completed_steps)
-
-
-@dataclass
-class TrainingState:
-    """Where training stands, saved in every checkpoint (never guessed from folder names)."""
-
-    epoch: int = 0  # epochs completed
-    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on (per process)
-    completed_steps: int = 0  # optimizer steps, over all epochs
-    best_metric: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    stopped_early: bool = False
-    log_history: list = field(default_factory=list)
-    stream_position: dict | None = None  # --streaming: where in the stream the used blocks end (StreamedBlocks)
-    train_seconds: float = 0.0  # time spent in this run and the ones it resumed (for the model card)
 
 
 # ---- Evaluation.
@@ -679,27 +675,30 @@ def prepare_for_evaluation(accelerator, model, *dataloaders):
     return model, *(accelerator.prepare_data_loader(dataloader) for dataloader in dataloaders)
 
 
-def evaluate_only(accelerator, args, model, evaluate, eval_dataloader, test_dataloader=None):
-    """--eval_only: `evaluate(accelerator, model, dataloader)` on the validation data, and the
-    test data if given (its metrics named test_*), into <output_dir>/eval_results.json. No
-    training, no checkpoint."""
+def evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, test_dataloader=None):
+    """--eval_only: the script's `run_evaluation(accelerator, model, dataloader)` on the
+    validation data, and the test data if given (its metrics named test_*), into
+    <output_dir>/eval_results.json. No training, no checkpoint."""
     dataloaders = [eval_dataloader] if test_dataloader is None else [eval_dataloader, test_dataloader]
     model, *dataloaders = prepare_for_evaluation(accelerator, model, *dataloaders)
-    metrics = evaluate(accelerator, model, dataloaders[0])
+    metrics = run_evaluation(accelerator, model, dataloaders[0])
     if test_dataloader is not None:
-        metrics |= {f"test_{k}": v for k, v in evaluate(accelerator, model, dataloaders[1]).items()}
+        metrics |= {f"test_{k}": v for k, v in run_evaluation(accelerator, model, dataloaders[1]).items()}
     accelerator.print(f"eval: {format_metrics(metrics)}")
     if accelerator.is_main_process:
         write_json(Path(args.output_dir) / "eval_results.json", metrics)
     return metrics
 
 
-def score_best(accelerator, auto_class, best_dir, evaluate, test_dataloader):
+def score_best(accelerator, auto_class, best_dir, run_evaluation, test_dataloader):
     """--test_file after training: best/ loaded whole on every process, as users load it, scored
-    by `evaluate(accelerator, model, dataloader)`: its metrics, named test_*."""
+    by the script's `run_evaluation(accelerator, model, dataloader)`: its metrics, named test_*
+    (None without test data)."""
+    if test_dataloader is None:
+        return None
     unset_hf_deepspeed_config()  # training is over: ZeRO-3 must not split the model it loads
     model, test_dataloader = prepare_for_evaluation(accelerator, from_pretrained(auto_class, best_dir), test_dataloader)
-    return {f"test_{k}": v for k, v in evaluate(accelerator, model, test_dataloader).items()}
+    return {f"test_{k}": v for k, v in run_evaluation(accelerator, model, test_dataloader).items()}
 
 
 # ---- main(): one line for bad input.
@@ -919,7 +918,11 @@ def load_text_data(args, keep_linebreaks=True):
     for split, data, source in (("train", train, args.train_file), ("validation", validation, args.validation_file)):
         if not has_text(data):
             raise UserError(f"{source or args.train_file or args.dataset_name}: the {split} text is empty; add text")
-    return first_n(train, args.max_train_samples), first_n(validation, args.max_eval_samples)
+    if args.max_train_samples:
+        train = train.take(args.max_train_samples)
+    if args.max_eval_samples:
+        validation = validation.take(args.max_eval_samples)
+    return train, validation
 
 
 def stream_splits(args, train, validation):
@@ -959,11 +962,6 @@ def has_text(data):
     return False
 
 
-def first_n(data, count):
-    """The first `count` rows of a data set (--max_train_samples, --max_eval_samples), or all."""
-    return data.select(range(min(count, len(data)))) if count else data
-
-
 def preprocessing_workers(args):
     """--preprocessing_num_workers, else every core this process may use."""
     if args.preprocessing_num_workers:
@@ -984,7 +982,11 @@ def language_model_samples(args, accelerator, texts, make_samples, what):
         validation = make_samples(eval_text, "validation")
         if test_text is not None:
             test = make_samples(test_text, "test")
-    training = "streamed" if args.streaming else f"{length(train) or 0:,}"
+    training = "no"  # (--eval_only)
+    if args.streaming:
+        training = "streamed"
+    elif train is not None:
+        training = f"{len(train):,}"
     accelerator.print(f"{training} training and {len(validation):,} validation {what}")
     return train, validation, test
 
@@ -1161,17 +1163,6 @@ def lm_sample(ids, special_ids=None):
     return sample
 
 
-def length(data):
-    """How many samples a data set holds; None for a stream (--streaming) or no data."""
-    return None if data is None or isinstance(data, torch.utils.data.IterableDataset) else len(data)
-
-
-def stream_of(data):
-    """The training data if it is a stream (--streaming), for Run to keep its place in it; else
-    None."""
-    return data if isinstance(data, StreamedBlocks) else None
-
-
 class StreamedBlocks(torch.utils.data.IterableDataset):
     """Training samples from a stream of lines (--streaming): the lines tokenized 1,000 at a time
     and packed into one stream of blocks of `block_size` tokens, as from a token file (or each
@@ -1262,6 +1253,9 @@ def resolve_output_dir(args, script_name):
     if args.drive or (in_colab() and os.path.isdir(DRIVE_ROOT)):
         return Path(DRIVE_ROOT) / DRIVE_FOLDER / script_name
     return Path("outputs") / script_name
+
+
+LOCK_FILE = ".lock"  # in --output_dir while a run uses it
 
 
 class OutputLock:
@@ -1421,6 +1415,9 @@ class StopSignals:
         while cls.previous:
             sig, handler = cls.previous.popitem()
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+STATE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete
 
 
 # Flags that may change when a run resumes: how long it trains, how it saves, logs and runs, not

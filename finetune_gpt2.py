@@ -68,11 +68,12 @@ def train(args):
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
     # A checkpoint of another block size, vocabulary or text is not resumed (common.Checkpointer).
-    data = {"block_size": block_size, "vocab_size": len(tokenizer), "train_blocks": common.length(train_data)}
+    train_blocks = None if args.streaming else len(train_data)  # (a stream's length is not known)
+    data = {"block_size": block_size, "vocab_size": len(tokenizer), "train_blocks": train_blocks}
     run = common.Run(
         accelerator, args, model=model, tokenizer=tokenizer, lr_scheduler=lr_scheduler,
         train_dataloader=train_dataloader, flops_per_token=flops, settings=data, may_change=MAY_CHANGE,
-        stream=common.stream_of(train_data), about=ABOUT,
+        stream=train_data if args.streaming else None, about=ABOUT,
     )  # fmt: skip
     run.resume_or_start()  # from the newest checkpoint in --output_dir made with these settings, if any
 
@@ -95,11 +96,8 @@ def train(args):
             run.count_batch(outputs.loss, batch["input_ids"].numel())  # this script: every token is real
         run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
 
-    test_metrics = None
-    if test_dataloader is not None:  # --test_file: best/ scored on held-out text
-        test_metrics = common.score_best(
-            accelerator, AutoModelForCausalLM, run.best_dir, run_evaluation, test_dataloader
-        )
+    # --test_file: best/ scored on held-out text (None without it)
+    test_metrics = common.score_best(accelerator, AutoModelForCausalLM, run.best_dir, run_evaluation, test_dataloader)
     run.finish(test_metrics)
     if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
         generate_sample(args, run.best_dir, run.output_dir / "samples.txt", accelerator.device)
@@ -175,7 +173,7 @@ def run_evaluation(accelerator, model, eval_dataloader):
 
     out = common.evaluate(accelerator, model, eval_dataloader, per_example)
     loss = (out["loss_sum"].sum() / out["tokens"].sum()).item()  # the mean over tokens, not over batches
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}  # capped: exp(a diverged loss) overflows
 
 
 def generate_sample(args, model_dir, path, device):

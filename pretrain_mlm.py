@@ -94,18 +94,19 @@ def train(args):
     optimizer = common.make_optimizer(model, args, accelerator.device)
     lr_scheduler = common.make_scheduler(accelerator, optimizer, args, train_dataloader)
     # One call for all: an engine (DDP, DeepSpeed) wraps the model, its optimizer and its schedule
-    # together.
+    # together. All but the training batches, which are prepared on their own just below.
     model, optimizer, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, eval_dataloader, lr_scheduler
     )
     # The training batches stay on the CPU: they are masked there (see mask_tokens), then moved.
     train_dataloader = accelerator.prepare_data_loader(train_dataloader, device_placement=False)
     # A checkpoint made with another tokenizer or text is not resumed (common.Checkpointer).
-    data = {"tokenizer": common.tokenizer_fingerprint(tokenizer), "train_samples": common.length(train_data)}
+    train_samples = None if args.streaming else len(train_data)  # (a stream's length is not known)
+    data = {"tokenizer": common.tokenizer_fingerprint(tokenizer), "train_samples": train_samples}
     run = common.Run(
         accelerator, args, model=model, tokenizer=tokenizer, lr_scheduler=lr_scheduler,
         train_dataloader=train_dataloader, flops_per_token=flops, settings=data, may_change=MAY_CHANGE,
-        stream=common.stream_of(train_data), about=ABOUT,
+        stream=train_data if args.streaming else None, about=ABOUT,
     )  # fmt: skip
     run.resume_or_start()  # from the newest checkpoint in --output_dir made with these settings, if any
 
@@ -128,11 +129,8 @@ def train(args):
             run.count_batch(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
         run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
 
-    test_metrics = None
-    if test_dataloader is not None:  # --test_file: best/ scored on held-out text, with fixed masks
-        test_metrics = common.score_best(
-            accelerator, AutoModelForMaskedLM, run.best_dir, run_evaluation, test_dataloader
-        )
+    # --test_file: best/ scored on held-out text, with fixed masks (None without it)
+    test_metrics = common.score_best(accelerator, AutoModelForMaskedLM, run.best_dir, run_evaluation, test_dataloader)
     run.finish(test_metrics)
     if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
         fill_mask(run.best_dir, args.fill_mask_prompt, accelerator.device)
@@ -275,7 +273,8 @@ class FixedMasks(torch.utils.data.Dataset):
     """Validation (or test) samples, masked once and for all: sample i's masks come from a
     generator seeded with --seed + i, so every evaluation predicts the same tokens, on any number
     of processes and at any batch size, and losses from one evaluation to the next differ only by
-    what the model learned."""
+    what the model learned. It has a masker of its own: giving the training loop's masker a
+    generator would take training's masks off the global random state that checkpoints restore."""
 
     def __init__(self, samples, tokenizer, args):
         self.samples, self.seed = samples, args.seed
@@ -287,6 +286,7 @@ class FixedMasks(torch.utils.data.Dataset):
     def __getitem__(self, index):
         sample = self.samples[index]
         self.masker.generator = torch.Generator().manual_seed(self.seed + index)
+        # The masker takes a batch: [None] makes the one sample a batch of one, [0] takes it back.
         input_ids, labels = self.masker.torch_mask_tokens(
             sample["input_ids"][None].clone(), special_tokens_mask=sample["special_tokens_mask"][None]
         )
@@ -316,8 +316,9 @@ def run_evaluation(accelerator, model, eval_dataloader):
         return {"loss_sum": losses.sum(dim=1), "masked": (batch["labels"] != -100).sum(dim=1)}
 
     out = common.evaluate(accelerator, model, eval_dataloader, per_example)
-    loss = (out["loss_sum"].sum() / out["masked"].sum().clamp(min=1)).item()  # the mean over masked tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    # The mean over masked tokens (at least one: a tiny text may have none masked).
+    loss = (out["loss_sum"].sum() / out["masked"].sum().clamp(min=1)).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}  # capped: exp(a diverged loss) overflows
 
 
 def fill_mask(model_dir, prompt, device):

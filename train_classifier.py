@@ -162,8 +162,10 @@ def load_data(args):
         label_names = train.features["label"].names
     else:
         train, validation, label_names = encode_labels(train, validation, where)
-    train = common.first_n(train, args.max_train_samples)
-    validation = common.first_n(validation, args.max_eval_samples)
+    if args.max_train_samples:  # quick runs
+        train = train.take(args.max_train_samples)
+    if args.max_eval_samples:
+        validation = validation.take(args.max_eval_samples)
     text = " + ".join(repr(c) for c in columns)
     PartialState().print(
         f"Data: {len(train):,} training and {len(validation):,} validation rows; text {text}, label '{label}'"

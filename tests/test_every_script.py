@@ -356,7 +356,7 @@ def training_samples(s, train, out):
     lines = Path(train).read_text().splitlines(keepends=True)  # "\r\n" read as "\n", as datasets reads it
     if s.name == "finetune_gpt2":
         tokenizer = AutoTokenizer.from_pretrained(s.model)
-        return f"{sum(len(tokenizer(line)['input_ids']) for line in lines) // 32}"
+        return f"{sum(len(tokenizer(line)['input_ids']) for line in lines) // 32:,}"
     tokenizer = AutoTokenizer.from_pretrained(out)
     tokens = sum(len(tokenizer(line.strip("\n"))["input_ids"]) for line in lines if line.strip())
     return f"{tokens // 32:,}"
