@@ -210,31 +210,56 @@ def is_number(value):
 def find_columns(data, args, where, split):
     """The text column(s) and the label column: the flags, else the first known layout, else
     Hugging Face's rule made safer (the one or two columns that hold text, not ids)."""
-    if len(data) == 0:
-        raise common.UserError(f"{where}: the {split} data is empty; give it some rows")
-    found = data.column_names
-    for flag, names in (("--text_columns", args.text_columns or []), ("--label_column", [args.label_column])):
-        missing = [name for name in names if name is not None and name not in found]
-        if missing:
-            raise common.UserError(f"{where}: {flag} {' '.join(missing)}: no such column; the columns are {found}")
-    layout = None
-    for texts, label in LAYOUTS:
-        if all(name in found for name in (*texts, label)):
-            layout = (list(texts), label)
-            break
+    found = check_columns(data, args, where, split)
+    layout = find_layout(found)
     label = args.label_column or find_label(found, layout)
     if label is None:
         known = " or ".join(dict.fromkeys(repr(name) for _, name in LAYOUTS if not name.startswith("column")))
         raise common.UserError(f"{where}: no label column ({known}) among {found}; pass --label_column NAME")
-    texts = args.text_columns or (layout[0] if layout else None)
-    if not texts:
-        texts = text_like_columns(data, [name for name in found if name != label])
-        if len(texts) not in (1, 2):
+    return find_text_columns(data, args, where, layout, label), label
+
+
+def check_columns(data, args, where, split):
+    """The data's column names, once it has rows and the columns that the flags name (test data
+    has no label column to check)."""
+    if len(data) == 0:
+        raise common.UserError(f"{where}: the {split} data is empty; give it some rows")
+    found = data.column_names
+    flags = {"--text_columns": args.text_columns or []}
+    if split != "test":
+        flags["--label_column"] = [args.label_column]
+    for flag, names in flags.items():
+        missing = [name for name in names if name is not None and name not in found]
+        if missing:
             raise common.UserError(
-                f"{where}: cannot tell which of {found} hold the text; pass --text_columns NAME [NAME2]"
-                + ("" if args.label_column else f" (and --label_column, '{label}' is used now)")
+                f"{where}: {flag} {' '.join(missing)}: no such column in the {split} data; the columns are {found}"
             )
-    return list(texts), label
+    return found
+
+
+def find_layout(found, labelled=True):
+    """The first known layout whose columns are all there, as (text columns, label column); for
+    test data (labelled False), the first whose text columns are."""
+    for texts, label in LAYOUTS:
+        if all(name in found for name in texts) and (label in found or not labelled):
+            return list(texts), label
+    return None
+
+
+def find_text_columns(data, args, where, layout, label=None):
+    """The text column(s): --text_columns, else the layout's, else the one or two columns that
+    hold text, not ids (nor the label: test data has none)."""
+    texts = args.text_columns or (layout[0] if layout else None)
+    if texts:
+        return list(texts)
+    found = data.column_names
+    texts = text_like_columns(data, [name for name in found if name != label])
+    if len(texts) not in (1, 2):
+        raise common.UserError(
+            f"{where}: cannot tell which of {found} hold the text; pass --text_columns NAME [NAME2]"
+            + ("" if args.label_column or label is None else f" (and --label_column, '{label}' is used now)")
+        )
+    return texts
 
 
 def find_label(found, layout):
@@ -328,9 +353,8 @@ def load_test_data(args, columns):
         test, where = common.load_hub_test_split(args.dataset_name, args.dataset_config_name), args.dataset_name
     else:
         return None
-    if len(test) == 0:
-        raise common.UserError(f"{where}: the test data is empty; give it some rows")
-    texts = find_test_columns(test, args, where)
+    found = check_columns(test, args, where, "test")
+    texts = find_text_columns(test, args, where, find_layout(found, labelled=False))
     if len(texts) != len(columns):
         raise common.UserError(
             f"{where}: the test data's text is in {texts}, but the model learned from {len(columns)} column(s) "
@@ -342,24 +366,6 @@ def load_test_data(args, columns):
             index = name
             break
     return test, texts, index
-
-
-def find_test_columns(test, args, where):
-    """The test data's text column(s): --text_columns, else the first known layout's, else the
-    text-like ones."""
-    found = test.column_names
-    if args.text_columns:
-        missing = [name for name in args.text_columns if name not in found]
-        if missing:
-            raise common.UserError(f"{where}: --text_columns {' '.join(missing)}: no such test column; it has {found}")
-        return list(args.text_columns)
-    for texts, _ in LAYOUTS:
-        if all(name in found for name in texts):
-            return list(texts)
-    texts = text_like_columns(test, found)
-    if len(texts) not in (1, 2):
-        raise common.UserError(f"{where}: cannot tell which of {found} hold the text; pass --text_columns NAME [NAME2]")
-    return texts
 
 
 def choose_metric(args, label_names):
