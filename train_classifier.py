@@ -89,7 +89,7 @@ def train(args):
     if args.eval_only:  # no training: the model as it is, on the validation data (and the test rows predicted)
         metrics = common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader)
         if test_data is not None and accelerator.is_main_process:
-            write_predictions(args, test_data, args.model_name_or_path, accelerator.device)
+            write_predictions(args, test_data, load_classifier(args.model_name_or_path, accelerator.device))
         return metrics
 
     flops = common.flops_per_token(model, max_seq_length)  # counted now: prepare() may split the weights
@@ -130,9 +130,10 @@ def train(args):
 
     run.finish()
     if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
+        classifier = load_classifier(run.best_dir, accelerator.device)
         if test_data is not None:  # this script: the test rows predicted, not scored (they have no labels)
-            write_predictions(args, test_data, run.best_dir, accelerator.device)
-        show_predictions(run.best_dir, eval_data, columns, accelerator.device)
+            write_predictions(args, test_data, classifier)
+        show_predictions(classifier, eval_data, columns)
     return run.state
 
 
@@ -491,17 +492,20 @@ def compute_metrics(predictions, references, num_labels):
     return metrics
 
 
-def write_predictions(args, test_data, model_dir, device):
+def load_classifier(model_dir, device):
+    """The model as users load it: a pipeline that cuts inputs to what the model takes. For a
+    regression (problem_type "regression", as load_model sets it) the pipeline applies no function:
+    the raw output is the prediction."""
+    return pipeline("text-classification", model=str(model_dir), device=device, truncation=True)
+
+
+def write_predictions(args, test_data, classifier):
     """<output_dir>/predictions.tsv in GLUE's submission layout: `index<TAB>prediction`, one row
     per test row in file order, each label as the training data spells it (its names are in the
     model), or a number for a regression. Written under a temporary name, then renamed."""
     test, columns, index = test_data
-    classifier = pipeline("text-classification", model=str(model_dir), device=device)
     regression = classifier.model.config.problem_type == "regression"
-    inputs = [as_pipeline_input(row, columns) for row in test]
-    batch = args.per_device_eval_batch_size
-    # function_to_apply="none": a regression model's raw output is its prediction.
-    outputs = classifier(inputs, batch_size=batch, truncation=True, function_to_apply="none" if regression else None)
+    outputs = classifier(pipeline_inputs(test, columns), batch_size=args.per_device_eval_batch_size)
     path = Path(args.output_dir) / "predictions.tsv"
     tmp = path.with_name(f".tmp-{path.name}")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -510,26 +514,23 @@ def write_predictions(args, test_data, model_dir, device):
             prediction = f"{output['score']:.4f}" if regression else output["label"]
             f.write(f"{row[index] if index else number}\t{prediction}\n")
     tmp.replace(path)
-    print(f"Predictions for the {len(test):,} test rows, by {model_dir}: {path}")
+    print(f"Predictions for the {len(test):,} test rows, by {classifier.model.config.name_or_path}: {path}")
 
 
-def as_pipeline_input(row, columns):
-    """A row as text-classification pipelines take it: the text, or a pair."""
+def pipeline_inputs(rows, columns):
+    """Rows as text-classification pipelines take them: the text, or a pair."""
     if len(columns) == 2:
-        return {"text": row[columns[0]], "text_pair": row[columns[1]]}
-    return row[columns[0]]
+        return [{"text": row[columns[0]], "text_pair": row[columns[1]]} for row in rows]
+    return [row[columns[0]] for row in rows]
 
 
-def show_predictions(model_dir, eval_data, columns, device, count=5):
+def show_predictions(classifier, eval_data, columns, count=5):
     """The exported model, loaded as users will load it, on a few validation examples."""
-    classifier = pipeline("text-classification", model=str(model_dir), device=device)
     rows = eval_data.select(range(min(count, len(eval_data))))
-    inputs = [as_pipeline_input(row, columns) for row in rows]
     regression = classifier.model.config.problem_type == "regression"
     names = classifier.model.config.id2label
     print("\nA few validation examples (predicted / true):")
-    # function_to_apply="none": a regression model's raw output is its prediction.
-    for row, pred in zip(rows, classifier(inputs, truncation=True, function_to_apply="none" if regression else None)):
+    for row, pred in zip(rows, classifier(pipeline_inputs(rows, columns))):
         text = " ||| ".join(str(row[c]) for c in columns)
         if regression:
             guess, true = f"{pred['score']:.2f}", f"{row['label']:.2f}"
