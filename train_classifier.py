@@ -408,7 +408,8 @@ def load_model(args, label_names):
 def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns, max_seq_length):
     """Tokenize once (batched, cached by `datasets`; a note says how many inputs max_seq_length
     cuts), and batch with dynamic padding: each batch is padded only to its longest example, and
-    similar lengths are batched together."""
+    similar lengths are batched together. --eval_only tokenizes no training data: it trains none
+    (its training dataloader is None)."""
 
     def tokenize(batch):
         encoded = tokenizer(*(batch[c] for c in columns), truncation=True, max_length=max_seq_length)
@@ -416,25 +417,30 @@ def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns
             encoded["truncated"] = [bool(e.overflowing) for e in encoded.encodings]
         return encoded
 
+    splits = {"training": train_data, "validation": eval_data}
+    if args.eval_only:
+        del splits["training"]
     with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
-        train_data = train_data.map(tokenize, batched=True, remove_columns=columns)
-        eval_data = eval_data.map(tokenize, batched=True, remove_columns=columns)
-    if "truncated" in train_data.column_names:
-        cut, eval_cut = sum(train_data["truncated"]), sum(eval_data["truncated"])
-        if cut or eval_cut:
+        splits = {name: data.map(tokenize, batched=True, remove_columns=columns) for name, data in splits.items()}
+    if "truncated" in splits["validation"].column_names:
+        cut = {name: sum(data["truncated"]) for name, data in splits.items()}
+        if any(cut.values()):
+            shares = [
+                f"{cut[name]:,} of {len(data):,} {name} ({cut[name] / len(data):.1%})" for name, data in splits.items()
+            ]
             accelerator.print(
-                f"note: --max_seq_length {max_seq_length} truncates {cut:,} of {len(train_data):,} training "
-                f"({cut / len(train_data):.1%}) and {eval_cut:,} of {len(eval_data):,} validation examples "
-                f"({eval_cut / len(eval_data):.1%}); raise it to keep them"
+                f"note: --max_seq_length {max_seq_length} truncates {' and '.join(shares)} examples; "
+                "raise it to keep them"
             )
-        train_data, eval_data = train_data.remove_columns("truncated"), eval_data.remove_columns("truncated")
+        splits = {name: data.remove_columns("truncated") for name, data in splits.items()}
+    train_data, eval_data = splits.get("training"), splits["validation"]
     if args.pad_to_max_length:  # fixed shapes (what TPUs want), at the cost of computing on padding
         collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max_seq_length)
     else:  # multiples of 8 let tensor cores work on GPUs under mixed precision
         multiple = 8 if accelerator.mixed_precision != "no" else None
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
     sampler = None
-    if args.group_by_length and not args.pad_to_max_length:
+    if train_data is not None and args.group_by_length and not args.pad_to_max_length:
         # Grouped by global batch: the same order for any split of it (resuming on another number of
         # processes).
         batch = common.global_batch_size(args, accelerator)
