@@ -525,8 +525,8 @@ class Run:
         self.progress.log({f"eval_{k}": v for k, v in metrics.items()})
         epochs = state.completed_steps / self.steps_per_epoch  # a fraction when --max_train_steps ends mid-epoch
         self.accelerator.print(f"step {state.completed_steps} (epoch {epochs:.2f}): {format_metrics(metrics)}")
-        value, best = metrics[self.metric], state.best_metric
-        if best is None or (value < best if self.metric == "loss" else value > best):
+        value = metrics[self.metric]
+        if self.improves(value):
             state.best_metric, state.best_step, state.evals_without_improvement = value, state.completed_steps, 0
             results = {"step": state.completed_steps, **metrics}
             export_model(self.accelerator, self.model, self.tokenizer, self.best_dir, self.model_card(results))
@@ -539,6 +539,16 @@ class Run:
                 state.stopped_early = True
         self.save_checkpoint()
         self.progress.throughput.resume()
+
+    def improves(self, value):
+        """Whether `value` of the metric that picks best/ beats the best so far: lower for a loss,
+        higher for any other metric (accuracy, F1, correlations)."""
+        best = self.state.best_metric
+        if best is None:  # the first evaluation
+            return True
+        if self.metric == "loss":
+            return value < best
+        return value > best
 
     def save_checkpoint(self):
         """A checkpoint of the state now, with the training time so far in it (a resumed run goes
@@ -667,12 +677,13 @@ def format_metrics(metrics):
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
-def prepare_for_evaluation(accelerator, model, *dataloaders):
-    """The model and dataloaders for evaluation alone (--eval_only, a test set): every process
-    holds the whole model, in the run's mixed precision. Nothing to shard without an optimizer
-    (FSDP2 and DeepSpeed prepare a model only with one)."""
+def prepare_for_evaluation(accelerator, model, dataloaders):
+    """The model and a list of dataloaders for evaluation alone (--eval_only, a test set): every
+    process holds the whole model, in the run's mixed precision. Nothing to shard without an
+    optimizer (FSDP2 and DeepSpeed prepare a model only with one)."""
     model = accelerator.prepare_model(model.to(accelerator.device), evaluation_mode=True)
-    return model, *(accelerator.prepare_data_loader(dataloader) for dataloader in dataloaders)
+    prepared = [accelerator.prepare_data_loader(dataloader) for dataloader in dataloaders]
+    return model, prepared
 
 
 def evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, test_dataloader=None):
@@ -680,7 +691,7 @@ def evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, tes
     validation data, and the test data if given (its metrics named test_*), into
     <output_dir>/eval_results.json. No training, no checkpoint."""
     dataloaders = [eval_dataloader] if test_dataloader is None else [eval_dataloader, test_dataloader]
-    model, *dataloaders = prepare_for_evaluation(accelerator, model, *dataloaders)
+    model, dataloaders = prepare_for_evaluation(accelerator, model, dataloaders)
     metrics = run_evaluation(accelerator, model, dataloaders[0])
     if test_dataloader is not None:
         metrics |= {f"test_{k}": v for k, v in run_evaluation(accelerator, model, dataloaders[1]).items()}
@@ -697,8 +708,8 @@ def score_best(accelerator, auto_class, best_dir, run_evaluation, test_dataloade
     if test_dataloader is None:
         return None
     unset_hf_deepspeed_config()  # training is over: ZeRO-3 must not split the model it loads
-    model, test_dataloader = prepare_for_evaluation(accelerator, from_pretrained(auto_class, best_dir), test_dataloader)
-    return {f"test_{k}": v for k, v in run_evaluation(accelerator, model, test_dataloader).items()}
+    model, dataloaders = prepare_for_evaluation(accelerator, from_pretrained(auto_class, best_dir), [test_dataloader])
+    return {f"test_{k}": v for k, v in run_evaluation(accelerator, model, dataloaders[0]).items()}
 
 
 # ---- main(): one line for bad input.
@@ -781,9 +792,11 @@ def train_with_a_batch_that_fits(train_fn, args):
             )
             record.parent.mkdir(parents=True, exist_ok=True)
             write_json(record, {"per_device_train_batch_size": batch_size, "global_batch": first * accumulation})
-        # The run as if started with these two flags (args itself stays as parsed).
-        split = {"per_device_train_batch_size": batch_size, "gradient_accumulation_steps": steps}
-        return train_fn(argparse.Namespace(**{**vars(args), **split}))
+        # The run as if started with these two flags (a copy: args itself stays as parsed).
+        args_that_fit = argparse.Namespace(**vars(args))
+        args_that_fit.per_device_train_batch_size = batch_size
+        args_that_fit.gradient_accumulation_steps = steps
+        return train_fn(args_that_fit)
 
     return train_with()
 

@@ -15,7 +15,6 @@ import math
 import tarfile
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from accelerate import PartialState  # print() on the main process only, from anywhere
 from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator, pipeline, set_seed
@@ -169,10 +168,12 @@ def run_evaluation(accelerator, model, eval_dataloader):
         logits = model(input_ids=batch["input_ids"]).logits.float()
         # Position t predicts token t+1: the model shifts the labels the same way.
         losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
-        return {"loss_sum": losses.sum(dim=1), "tokens": torch.full_like(losses[:, 0], losses.shape[1])}
+        return {"loss": losses.mean(dim=1)}  # one number per block
 
     out = common.evaluate(accelerator, model, eval_dataloader, per_example)
-    loss = (out["loss_sum"].sum() / out["tokens"].sum()).item()  # the mean over tokens, not over batches
+    # The mean over blocks, not over batches (a small last batch weighs what it holds): every block
+    # predicts as many tokens, so it is the mean over tokens too.
+    loss = out["loss"].mean().item()
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}  # capped: exp(a diverged loss) overflows
 
 
@@ -187,11 +188,13 @@ def generate_sample(args, model_dir, path, device):
         print("\nThe prompt is longer than the model's positions: no sample")
         return None
     set_seed(args.seed)  # the same sample for the same model and settings
-    sampling = {"do_sample": True, "top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature}
+    # GPT-2 has no padding token: generate() is told to use its end-of-text token (else it warns).
+    options = {"max_new_tokens": min(args.max_new_tokens, room), "pad_token_id": generator.tokenizer.eos_token_id}
     if args.temperature == 0:
-        sampling = {"do_sample": False}  # always the likeliest token
-    length = {"max_new_tokens": min(args.max_new_tokens, room), "pad_token_id": generator.tokenizer.eos_token_id}
-    text = generator(args.prompt, **length, **sampling)[0]["generated_text"]
+        options["do_sample"] = False  # always the likeliest token
+    else:
+        options.update(do_sample=True, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature)
+    text = generator(args.prompt, **options)[0]["generated_text"]
     print(f"\nSample from {model_dir}:\n{text}\n")
     path.write_text(text + "\n")
     return text

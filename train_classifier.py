@@ -186,7 +186,10 @@ def load_local_file(pattern, flag):
         with open(files[0], encoding="utf-8-sig", newline="") as f:  # -sig: MRPC's files start with a BOM
             first = next(csv.reader(f, delimiter=delimiter, quoting=quoting), [])
         header = not any(is_number(value) for value in first)
-        names = [(value.strip() if header else "") or f"column{i}" for i, value in enumerate(first, 1)]
+        names = []
+        for number, value in enumerate(first, 1):
+            name = value.strip() if header else ""
+            names.append(name or f"column{number}")  # a nameless column is still read
         features = datasets.Features({name: datasets.Value("string") for name in names})
         kind, options = "csv", {"delimiter": delimiter, "quoting": quoting, "column_names": names, "features": features}
         options |= {"skiprows": int(header), "keep_default_na": False}
@@ -412,7 +415,8 @@ def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns
     (its training dataloader is None)."""
 
     def tokenize(batch):
-        encoded = tokenizer(*(batch[c] for c in columns), truncation=True, max_length=max_seq_length)
+        texts = [batch[column] for column in columns]  # one column, or two: a pair
+        encoded = tokenizer(*texts, truncation=True, max_length=max_seq_length)
         if encoded.encodings:  # a fast tokenizer keeps what truncation cut off in `overflowing`
             encoded["truncated"] = [bool(e.overflowing) for e in encoded.encodings]
         return encoded
