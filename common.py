@@ -1,10 +1,10 @@
 """What the three training scripts share, written once. Read a script first: its loop is the lesson.
 
-Here, first, what a script calls, in the order it calls it: the flags, setup() (the Accelerator:
-device, precision, processes), the dataloaders, the optimizer and its schedule, Run (the
-bookkeeping around the loop: counting, logging, checkpointing, keeping the best model), the
-evaluation loop, and run(), which turns bad input into one line. After a banner: reading data of
-any size, then the machinery that keeps work safe (the output folder's lock, stop signals,
+Here, first, what a script's train() calls around its loop, in the order it calls it: the flags,
+setup() (the Accelerator: device, precision, processes), the dataloaders, the optimizer and its
+schedule, Run (the bookkeeping around the loop: counting, logging, checkpointing, keeping the best
+model), the evaluation loop, and run(), which turns bad input into one line. After a banner: reading
+data of any size, then the machinery that keeps work safe (the output folder's lock, stop signals,
 checkpoints, the export and its model card, the Hub, throughput), which a reader following a loop
 may skip. Nothing here knows a script's model or data."""
 
@@ -35,7 +35,7 @@ import huggingface_hub
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
     DistributedType,
@@ -249,30 +249,24 @@ def make_dataloaders(
     if args.dataloader_num_workers is not None:
         workers = args.dataloader_num_workers
     options = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": on_gpu}
-    train = None
+
+    def loader(data, batch_size, collate, **more_options):
+        """A DataLoader with a generator of its own; None without data."""
+        if data is None:
+            return None
+        return DataLoader(data, batch_size, collate_fn=collate, generator=torch.Generator(), **more_options)
+
+    train_options = dict(options)
     if isinstance(train_data, torch.utils.data.IterableDataset):  # a stream: it keeps its place in this process
-        train = DataLoader(
-            train_data,
-            args.per_device_train_batch_size,
-            collate_fn=collate_fn,
-            pin_memory=on_gpu,
-            generator=torch.Generator(),
-        )
-    elif train_data is not None:
-        sampler = sampler or EpochSampler(len(train_data), global_batch_size(args, accelerator), args.seed)
-        train = DataLoader(
-            train_data, args.per_device_train_batch_size, sampler=sampler, collate_fn=collate_fn,
-            generator=torch.Generator(), **options,
-        )  # fmt: skip
-    evaluation = []
-    for data in (eval_data, test_data):
-        if data is not None:
-            collate = eval_collate_fn or collate_fn
-            data = DataLoader(
-                data, args.per_device_eval_batch_size, collate_fn=collate, generator=torch.Generator(), **options
-            )
-        evaluation.append(data)
-    return train, *evaluation
+        train_options = {"pin_memory": on_gpu}
+    elif train_data is not None:  # (no training data: --eval_only)
+        batch = global_batch_size(args, accelerator)
+        train_options["sampler"] = sampler or EpochSampler(len(train_data), batch, args.seed)
+    eval_collate_fn = eval_collate_fn or collate_fn
+    train = loader(train_data, args.per_device_train_batch_size, collate_fn, **train_options)
+    evaluation = loader(eval_data, args.per_device_eval_batch_size, eval_collate_fn, **options)
+    test = loader(test_data, args.per_device_eval_batch_size, eval_collate_fn, **options)
+    return train, evaluation, test
 
 
 def global_batch_size(args, accelerator):
@@ -352,7 +346,7 @@ def make_scheduler(accelerator, optimizer, args, train_dataloader):
     checkpoints hold it), so the training batches per process are counted here: the EpochSampler
     makes them divide exactly."""
     batches = batches_per_process(train_dataloader, accelerator.num_processes)
-    steps_per_epoch, total_steps, epochs = training_steps(batches, args)
+    _, total_steps, _ = training_steps(batches, args)  # (steps per epoch and epochs are Run's to tell)
     return get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, total_steps)
 
 
@@ -366,9 +360,10 @@ def batches_per_process(dataloader, num_processes=1):
 
 def training_steps(batches_per_epoch, args):
     """Optimizer steps per epoch, in total, and the number of epochs that takes.
-    `batches_per_epoch` is per process (the prepared dataloader's length); a partial accumulation
-    at the end of an epoch still makes an optimizer step. A stream (None) is one epoch of
-    --max_train_steps, unless it ends first."""
+    `batches_per_epoch` is per process (the prepared dataloader's length). EpochSampler makes an
+    epoch a whole number of optimizer steps; were it not, a partial accumulation at the epoch's
+    end would still make a step (the ceil). A stream (None) is one epoch of --max_train_steps,
+    unless it ends first."""
     if batches_per_epoch is None:
         return args.max_train_steps, args.max_train_steps, 1
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
@@ -460,11 +455,11 @@ class Run:
                 "raise --num_train_epochs or --max_train_steps to train further."
             )
             return
-        batch = (args.per_device_train_batch_size, args.gradient_accumulation_steps, acc.num_processes)
+        per_device, accumulated = args.per_device_train_batch_size, args.gradient_accumulation_steps
         acc.print(
             f"Training for {self.num_epochs} epochs, {self.total_steps} optimizer steps ({self.steps_per_epoch} per "
-            f"epoch), global batch {math.prod(batch)} ({batch[0]} per device x {batch[1]} accumulated x {batch[2]} "
-            f"process(es)), {acc.device}, mixed precision: {acc.mixed_precision}"
+            f"epoch), global batch {global_batch_size(args, acc)} ({per_device} per device x {accumulated} "
+            f"accumulated x {acc.num_processes} process(es)), {acc.device}, mixed precision: {acc.mixed_precision}"
         )
 
     def finished(self):
@@ -518,6 +513,17 @@ class Run:
         flag = torch.tensor([float(due)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
+    def save_checkpoint(self):
+        """A checkpoint of the state now, with the training time so far in it (a resumed run goes
+        on counting from there) and, with --streaming, the place in the stream where the blocks
+        used so far end, not those the DataLoader fetched ahead: a resumed run reads on from there.
+        (After a pass that ran to the stream's end, the next one starts at its beginning: None.)"""
+        self.count_train_time()
+        if self.stream is not None and self.state.batch_in_epoch > 0:
+            used = self.state.batch_in_epoch * self.args.per_device_train_batch_size
+            self.state.stream_position = self.stream.position_after(used * self.accelerator.num_processes)
+        self.checkpointer.save(self.state)
+
     def end_epoch(self, metrics):
         """At an epoch's end: log the evaluation, export the model if it is the best so far, stop
         early after --early_stopping_patience evaluations without improvement, checkpoint."""
@@ -549,17 +555,6 @@ class Run:
         if self.metric == "loss":
             return value < best
         return value > best
-
-    def save_checkpoint(self):
-        """A checkpoint of the state now, with the training time so far in it (a resumed run goes
-        on counting from there) and, with --streaming, the place in the stream where the blocks
-        used so far end, not those the DataLoader fetched ahead: a resumed run reads on from there.
-        (After a pass that ran to the stream's end, the next one starts at its beginning: None.)"""
-        self.count_train_time()
-        if self.stream is not None and self.state.batch_in_epoch > 0:
-            used = self.state.batch_in_epoch * self.args.per_device_train_batch_size
-            self.state.stream_position = self.stream.position_after(used * self.accelerator.num_processes)
-        self.checkpointer.save(self.state)
 
     def count_train_time(self):
         """state.train_seconds: the time of this run so far, and of the runs it resumed."""
@@ -774,7 +769,7 @@ def train_with_a_batch_that_fits(train_fn, args):
         fits = json.loads(record.read_text())
         if fits["global_batch"] == first * accumulation:
             size = fits["per_device_train_batch_size"]
-            print(f"note: {record} says a per-device batch of {size} fits: starting with it")
+            PartialState().print(f"note: {record} says a per-device batch of {size} fits: starting with it")
 
     def smaller():
         nonlocal size
@@ -786,7 +781,7 @@ def train_with_a_batch_that_fits(train_fn, args):
         OutputLock.release_held()  # the try that ran out of memory held the folder
         steps = accumulation * first // batch_size
         if batch_size != first:
-            print(
+            PartialState().print(
                 f"--auto_find_batch_size: per-device batch {batch_size} x {steps} accumulated (the same "
                 f"global batch as {first} x {accumulation}), from the last checkpoint"
             )
@@ -904,7 +899,7 @@ def load_texts(args, accelerator, keep_linebreaks=True):
         train, validation = load_text_data(args, keep_linebreaks)
         test = None
         if args.test_file:  # held-out text, scored with best/ after training
-            test = load_text_files(args.test_file, "--test_file", keep_linebreaks)
+            test = load_text_files(args.test_file, "--test_file", keep_linebreaks, args.streaming)
     return train, validation, test
 
 
@@ -938,6 +933,15 @@ def load_text_data(args, keep_linebreaks=True):
     return train, validation
 
 
+def load_text_files(pattern, flag, keep_linebreaks, streaming=False):
+    """The lines of local text files (`pattern`: a file or a glob, given as `flag`), one `text`
+    row each; with `streaming`, read as training goes rather than all before it starts."""
+    files = input_files(pattern, flag, TEXTS)
+    return datasets.load_dataset(
+        "text", data_files=files, split="train", keep_linebreaks=keep_linebreaks, streaming=streaming
+    )
+
+
 def stream_splits(args, train, validation):
     """--streaming: the training lines as they are read (a datasets IterableDataset), for text
     larger than the disk, and the first --max_eval_samples validation lines (10,000 unless
@@ -950,19 +954,10 @@ def stream_splits(args, train, validation):
     if args.max_train_samples:
         train = train.take(args.max_train_samples)
     if not args.max_eval_samples:
-        print(
+        PartialState().print(
             "note: --streaming evaluates on the first 10,000 validation lines; --max_eval_samples sets another number"
         )
     return train, validation.take(args.max_eval_samples or 10_000)
-
-
-def load_text_files(pattern, flag, keep_linebreaks, streaming=False):
-    """The lines of local text files (`pattern`: a file or a glob, given as `flag`), one `text`
-    row each; with `streaming`, read as training goes rather than all before it starts."""
-    files = input_files(pattern, flag, TEXTS)
-    return datasets.load_dataset(
-        "text", data_files=files, split="train", keep_linebreaks=keep_linebreaks, streaming=streaming
-    )
 
 
 def has_text(data):
@@ -973,13 +968,6 @@ def has_text(data):
             if line.strip():
                 return True
     return False
-
-
-def preprocessing_workers(args):
-    """--preprocessing_num_workers, else every core this process may use."""
-    if args.preprocessing_num_workers:
-        return args.preprocessing_num_workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def language_model_samples(args, accelerator, texts, make_samples, what):
@@ -996,7 +984,7 @@ def language_model_samples(args, accelerator, texts, make_samples, what):
         if test_text is not None:
             test = make_samples(test_text, "test")
     training = "no"  # (--eval_only)
-    if args.streaming:
+    if train is not None and args.streaming:
         training = "streamed"
     elif train is not None:
         training = f"{len(train):,}"
@@ -1006,13 +994,73 @@ def language_model_samples(args, accelerator, texts, make_samples, what):
 
 def token_samples(texts, tokenize, tokenizer, args, split_name, recipe, block_size=None, special_ids=None):
     """A split's samples (TokenSamples), from the token file of `texts` (see tokenize_to_file),
-    or with --streaming made as training reads on (StreamedBlocks; the validation and test lines
-    are few: read once, into memory)."""
+    or with --streaming made as training reads on (StreamedBlocks; the validation and test
+    samples are read once, into memory: the validation lines are at most --max_eval_samples)."""
     if args.streaming:
         samples = StreamedBlocks(texts, tokenize, block_size, special_ids)
-        return samples if split_name == "training" else list(samples)
+        if split_name == "training":
+            return samples
+        samples = list(samples)
+        if not samples:  # (a token file's emptiness is the script's to say, with its numbers)
+            raise UserError(f"the {split_name} text is too short for one sample; add text, or make the samples shorter")
+        return samples
     token_file = tokenize_to_file(texts, tokenize, tokenizer, args, split_name, recipe)
     return TokenSamples(token_file, block_size, special_ids)
+
+
+def tokenize_to_file(texts, tokenize, tokenizer, args, what, recipe):
+    """The TokenFile of `texts` (a `text` column): `tokenize(list of lines)` -> the token ids of
+    each line (fewer lists to drop lines). Made once, on --preprocessing_num_workers processes,
+    and found again by what determines its content: the text (the data set's fingerprint, which
+    changes with the files), the tokenizer and the `recipe`. It lives beside the datasets cache
+    (HF_DATASETS_CACHE), which each machine has its own of."""
+    key = [texts._fingerprint, tokenizer_fingerprint(tokenizer), recipe]
+    name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
+    token_file = TokenFile(Path(datasets.config.HF_DATASETS_CACHE) / "lm-tokens" / name)
+    if token_file.open():
+        PartialState().print(f"Tokens of the {what} text: {token_file.num_tokens:,}, from {token_file.tokens_path}")
+        return token_file
+
+    def encode(batch):
+        return {"input_ids": tokenize(batch["text"])}
+
+    # The ids are stored as the token file will hold them (uint16 for most vocabularies): half
+    # the disk of datasets' default int32, for the moment both exist.
+    ids = datasets.Value(np.dtype(token_dtype(len(tokenizer))).name)
+    features = datasets.Features({"input_ids": datasets.List(ids)})
+    started, workers = time.perf_counter(), min(preprocessing_workers(args), max(1, len(texts)))
+    text_bytes = texts.data.nbytes  # the text as Arrow holds it, about its size in UTF-8
+    # A worker is one process tokenizing on one thread, so N workers use N cores. The fast
+    # tokenizer's own threads are switched off meanwhile: they do not mix with forked worker
+    # processes, and they would make one "worker" quietly use every core.
+    threads = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        encoded = texts.map(
+            encode, batched=True, num_proc=workers if workers > 1 else None, remove_columns=texts.column_names,
+            features=features, desc=f"Tokenizing the {what} text ({workers} process{'es' if workers > 1 else ''})",
+        )  # fmt: skip
+    finally:
+        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        if threads is not None:
+            os.environ["TOKENIZERS_PARALLELISM"] = threads
+    token_file.write(encoded, len(tokenizer))
+    for cache in encoded.cache_files:  # the token file has it all now: free the disk
+        with contextlib.suppress(OSError):
+            os.remove(cache["filename"])
+    seconds = time.perf_counter() - started
+    print(
+        f"Tokenized the {what} text: {token_file.num_tokens:,} tokens from {text_bytes / 1e6:,.1f} MB in "
+        f"{seconds:.1f} s ({text_bytes / 1e6 / seconds:.2f} MB/s, {workers} worker(s)); in {token_file.tokens_path}"
+    )
+    return token_file
+
+
+def preprocessing_workers(args):
+    """--preprocessing_num_workers, else every core this process may use."""
+    if args.preprocessing_num_workers:
+        return args.preprocessing_num_workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 class TokenFile:
@@ -1084,54 +1132,6 @@ class TokenFile:
 def token_dtype(vocabulary_size):
     """Two bytes a token where the vocabulary fits (GPT-2's 50,257 does), else four."""
     return np.uint16 if vocabulary_size <= 2**16 else np.uint32
-
-
-def tokenize_to_file(texts, tokenize, tokenizer, args, what, recipe):
-    """The TokenFile of `texts` (a `text` column): `tokenize(list of lines)` -> the token ids of
-    each line (fewer lists to drop lines). Made once, on --preprocessing_num_workers processes,
-    and found again by what determines its content: the text (the data set's fingerprint, which
-    changes with the files), the tokenizer and the `recipe`. It lives beside the datasets cache
-    (HF_DATASETS_CACHE), which each machine has its own of."""
-    key = [texts._fingerprint, tokenizer_fingerprint(tokenizer), recipe]
-    name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
-    token_file = TokenFile(Path(datasets.config.HF_DATASETS_CACHE) / "lm-tokens" / name)
-    if token_file.open():
-        print(f"Tokens of the {what} text: {token_file.num_tokens:,}, from {token_file.tokens_path}")
-        return token_file
-
-    def encode(batch):
-        return {"input_ids": tokenize(batch["text"])}
-
-    # The ids are stored as the token file will hold them (uint16 for most vocabularies): half
-    # the disk of datasets' default int32, for the moment both exist.
-    ids = datasets.Value(np.dtype(token_dtype(len(tokenizer))).name)
-    features = datasets.Features({"input_ids": datasets.List(ids)})
-    started, workers = time.perf_counter(), min(preprocessing_workers(args), max(1, len(texts)))
-    text_bytes = texts.data.nbytes  # the text as Arrow holds it, about its size in UTF-8
-    # A worker is one process tokenizing on one thread, so N workers use N cores. The fast
-    # tokenizer's own threads are switched off meanwhile: they do not mix with forked worker
-    # processes, and they would make one "worker" quietly use every core.
-    threads = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        encoded = texts.map(
-            encode, batched=True, num_proc=workers if workers > 1 else None, remove_columns=texts.column_names,
-            features=features, desc=f"Tokenizing the {what} text ({workers} process{'es' if workers > 1 else ''})",
-        )  # fmt: skip
-    finally:
-        os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        if threads is not None:
-            os.environ["TOKENIZERS_PARALLELISM"] = threads
-    token_file.write(encoded, len(tokenizer))
-    for cache in encoded.cache_files:  # the token file has it all now: free the disk
-        with contextlib.suppress(OSError):
-            os.remove(cache["filename"])
-    seconds = time.perf_counter() - started
-    print(
-        f"Tokenized the {what} text: {token_file.num_tokens:,} tokens from {text_bytes / 1e6:,.1f} MB in "
-        f"{seconds:.1f} s ({text_bytes / 1e6 / seconds:.2f} MB/s, {workers} worker(s)); in {token_file.tokens_path}"
-    )
-    return token_file
 
 
 def tokenizer_fingerprint(tokenizer):

@@ -145,8 +145,9 @@ def get_data(args, accelerator, tokenizer, block_size):
 
 
 def tokenize_and_pack(texts, tokenizer, block_size, split_name, args):
-    """All lines tokenized into one stream (a token file, made once and reused), cut into blocks
-    of exactly block_size tokens. Only the final partial block is left out."""
+    """All lines tokenized into one stream (a token file, made once and reused; with --streaming,
+    tokenized as training reads them), cut into blocks of exactly block_size tokens. Only the
+    final partial block is left out."""
 
     def tokenize(lines):
         return tokenizer(lines)["input_ids"]

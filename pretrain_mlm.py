@@ -214,9 +214,10 @@ def batches_of_lines(texts):
 
 def prepare_data(texts, tokenizer, args, split_name):
     """Packed blocks of exactly --max_seq_length tokens cut from all lines in one stream, or
-    (--line_by_line) each line cut to --max_seq_length: from a token file, made once and reused.
-    Blank lines are left out; every line gets RoBERTa's <s> ... </s>. The samples say which
-    tokens are special (<s>, </s>, <pad>): those are never masked."""
+    (--line_by_line) each line cut to --max_seq_length: from a token file, made once and reused
+    (with --streaming, tokenized as training reads them). Blank lines are left out; every line
+    gets RoBERTa's <s> ... </s>. The samples say which tokens are special (<s>, </s>, <pad>):
+    those are never masked."""
     cut = {"truncation": True, "max_length": args.max_seq_length} if args.line_by_line else {}
 
     def tokenize(lines):  # whole lines when packing: packing cuts the blocks

@@ -88,8 +88,9 @@ def train(args):
     )
     if args.eval_only:  # no training: the model as it is, on the validation data (and the test rows predicted)
         metrics = common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader)
-        if test_data is not None and accelerator.is_main_process:
-            write_predictions(args, test_data, load_classifier(args.model_name_or_path, accelerator.device))
+        if test_data is not None and accelerator.is_main_process:  # by the model just evaluated
+            classifier = load_classifier(model, tokenizer, accelerator.device)
+            write_predictions(args, test_data, classifier)
         return metrics
 
     flops = common.flops_per_token(model, max_seq_length)  # counted now: prepare() may split the weights
@@ -130,7 +131,7 @@ def train(args):
 
     run.finish()
     if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
-        classifier = load_classifier(run.best_dir, accelerator.device)
+        classifier = load_classifier(str(run.best_dir), None, accelerator.device)
         if test_data is not None:  # this script: the test rows predicted, not scored (they have no labels)
             write_predictions(args, test_data, classifier)
         show_predictions(classifier, eval_data, columns)
@@ -229,11 +230,11 @@ def check_columns(data, args, where, split):
     if len(data) == 0:
         raise common.UserError(f"{where}: the {split} data is empty; give it some rows")
     found = data.column_names
-    flags = {"--text_columns": args.text_columns or []}
-    if split != "test":
-        flags["--label_column"] = [args.label_column]
-    for flag, names in flags.items():
-        missing = [name for name in names if name is not None and name not in found]
+    named = {"--text_columns": args.text_columns or []}  # the columns each flag names
+    if args.label_column and split != "test":  # (test data has no label)
+        named["--label_column"] = [args.label_column]
+    for flag, names in named.items():
+        missing = [name for name in names if name not in found]
         if missing:
             raise common.UserError(
                 f"{where}: {flag} {' '.join(missing)}: no such column in the {split} data; the columns are {found}"
@@ -245,25 +246,11 @@ def find_layout(found, labelled=True):
     """The first known layout whose columns are all there, as (text columns, label column); for
     test data (labelled False), the first whose text columns are."""
     for texts, label in LAYOUTS:
-        if all(name in found for name in texts) and (label in found or not labelled):
+        if not all(name in found for name in texts):
+            continue
+        if label in found or not labelled:
             return list(texts), label
     return None
-
-
-def find_text_columns(data, args, where, layout, label=None):
-    """The text column(s): --text_columns, else the layout's, else the one or two columns that
-    hold text, not ids (nor the label: test data has none)."""
-    texts = args.text_columns or (layout[0] if layout else None)
-    if texts:
-        return list(texts)
-    found = data.column_names
-    texts = text_like_columns(data, [name for name in found if name != label])
-    if len(texts) not in (1, 2):
-        raise common.UserError(
-            f"{where}: cannot tell which of {found} hold the text; pass --text_columns NAME [NAME2]"
-            + ("" if args.label_column or label is None else f" (and --label_column, '{label}' is used now)")
-        )
-    return texts
 
 
 def find_label(found, layout):
@@ -275,6 +262,23 @@ def find_label(found, layout):
         if label in found:
             return label
     return None
+
+
+def find_text_columns(data, args, where, layout, label=None):
+    """The text column(s): --text_columns, else the layout's, else the one or two columns that
+    hold text, not ids (nor the label: test data has none)."""
+    if args.text_columns:
+        return list(args.text_columns)
+    if layout:
+        return layout[0]
+    found = data.column_names
+    texts = text_like_columns(data, [name for name in found if name != label])
+    if len(texts) not in (1, 2):
+        fix = "pass --text_columns NAME [NAME2]"
+        if label is not None and not args.label_column:  # the label was guessed too: it may be wrong
+            fix += f" (and --label_column, '{label}' is used now)"
+        raise common.UserError(f"{where}: cannot tell which of {found} hold the text; {fix}")
+    return texts
 
 
 def text_like_columns(data, candidates):
@@ -422,21 +426,23 @@ def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns
         return encoded
 
     splits = {"training": train_data, "validation": eval_data}
-    if args.eval_only:
+    if args.eval_only:  # nothing to train on: the training data is not tokenized
         del splits["training"]
     with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
-        splits = {name: data.map(tokenize, batched=True, remove_columns=columns) for name, data in splits.items()}
-    if "truncated" in splits["validation"].column_names:
-        cut = {name: sum(data["truncated"]) for name, data in splits.items()}
-        if any(cut.values()):
-            shares = [
-                f"{cut[name]:,} of {len(data):,} {name} ({cut[name] / len(data):.1%})" for name, data in splits.items()
-            ]
+        for name, data in splits.items():
+            splits[name] = data.map(tokenize, batched=True, remove_columns=columns)
+    if "truncated" in splits["validation"].column_names:  # (a fast tokenizer says what it cut)
+        shares, total_cut = [], 0
+        for name, data in splits.items():
+            cut = sum(data["truncated"])
+            total_cut += cut
+            shares.append(f"{cut:,} of {len(data):,} {name} ({cut / len(data):.1%})")
+            splits[name] = data.remove_columns("truncated")
+        if total_cut:
             accelerator.print(
                 f"note: --max_seq_length {max_seq_length} truncates {' and '.join(shares)} examples; "
                 "raise it to keep them"
             )
-        splits = {name: data.remove_columns("truncated") for name, data in splits.items()}
     train_data, eval_data = splits.get("training"), splits["validation"]
     if args.pad_to_max_length:  # fixed shapes (what TPUs want), at the cost of computing on padding
         collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max_seq_length)
@@ -502,11 +508,13 @@ def compute_metrics(predictions, references, num_labels):
     return metrics
 
 
-def load_classifier(model_dir, device):
-    """The model as users load it: a pipeline that cuts inputs to what the model takes. For a
-    regression (problem_type "regression", as load_model sets it) the pipeline applies no function:
-    the raw output is the prediction."""
-    return pipeline("text-classification", model=str(model_dir), device=device, truncation=True)
+def load_classifier(model, tokenizer, device):
+    """A text-classification pipeline that cuts inputs to what the model takes: `model` a folder
+    (best/, loaded as users load it, with its tokenizer: `tokenizer` None), or (--eval_only) the
+    model and tokenizer just evaluated, so the predictions are that model's (a hub model's new
+    head exists only in memory). For a regression, whose config says so (load_model sets
+    problem_type), the pipeline applies no function: the raw output is the prediction."""
+    return pipeline("text-classification", model=model, tokenizer=tokenizer, device=device, truncation=True)
 
 
 def write_predictions(args, test_data, classifier):

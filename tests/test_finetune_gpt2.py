@@ -328,6 +328,8 @@ def test_streaming_trains_and_a_killed_run_resumes_at_its_place_in_the_stream(ti
         out = tmp_path / ("killed" if name != "uninterrupted" else "uninterrupted")
         # 13 steps, a checkpoint every 2: the last one is the end's, and holds the place too.
         argv_ = argv(tiny_gpt2, *text_files, out, "--streaming", "--max_train_steps", 13, "--checkpointing_steps", 2)
+        if name == "uninterrupted":  # best/ scored on test text, streamed like the rest
+            argv_ += ["--test_file", text_files[1]]
         runs.append({"script": "finetune_gpt2", "argv": argv_ + ["--max_new_tokens", 0], "engine": "one"})
         runs[-1] |= {"name": name, "signal_when_saved": stop} if stop else {"name": name}
     assert helpers.launch(runs, tmp_path / "logs") == [0, -9, 0], helpers.log_of(runs[1])[-2000:]
@@ -335,6 +337,7 @@ def test_streaming_trains_and_a_killed_run_resumes_at_its_place_in_the_stream(ti
     assert final_weights(tmp_path / "killed") == final_weights(tmp_path / "uninterrupted")
     state = newest_state(tmp_path / "uninterrupted")
     assert state["completed_steps"] == 13 and state["stream_position"]["given"] == 13 * 8  # 13 steps of 8 blocks
+    assert "test_loss" in json.loads((tmp_path / "uninterrupted" / "eval_results.json").read_text())
 
 
 def test_streaming_says_what_it_cannot_do(tiny_gpt2, text_files, tmp_path, capsys):
@@ -344,3 +347,7 @@ def test_streaming_says_what_it_cannot_do(tiny_gpt2, text_files, tmp_path, capsy
     assert not (tmp_path / "a").exists()  # said before anything is touched
     line = run_bad(argv(tiny_gpt2, train, None, tmp_path / "b", "--streaming", "--max_train_steps", 2), capsys)
     assert "cannot hold out --validation_split_percentage" in line and "--validation_file" in line
+    short = tmp_path / "short.txt"
+    short.write_text("too short\n")  # fewer tokens than one block: a stream is only found short when read
+    line = run_bad(argv(tiny_gpt2, train, short, tmp_path / "c", "--streaming", "--max_train_steps", 2), capsys)
+    assert "validation text is too short for one sample" in line

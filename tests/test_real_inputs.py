@@ -9,6 +9,7 @@ import shutil
 import helpers
 import pytest
 import torch
+import transformers
 from scipy.stats import pearsonr, spearmanr
 from test_train_classifier import argv, checkpoints
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -355,3 +356,21 @@ def test_a_test_set_that_cannot_be_predicted_is_refused_before_training(tiny_ber
         train_classifier.main([str(a) for a in ["--model_name_or_path", tiny_bert, "--dataset_name", tmp_path / "rte",
                                                 "--output_dir", out, "--do_predict"]])  # fmt: skip
     assert "has no 'test' split" in capsys.readouterr().err
+
+
+def test_eval_only_predicts_with_the_model_it_evaluated(tiny_bert, tmp_path):
+    """--eval_only on a base model (tiny_bert's config has two labels and no problem_type) for
+    STS-B: the predictions are the scores of the regression model just evaluated (its head exists
+    only in memory), not labels of the folder's two-label model, nor a sigmoid of the score."""
+    train_file, dev_file = helpers.write_glue_task("stsb", tmp_path / "stsb", n_train=60, n_dev=20)
+    test_file = helpers.write_glue_test("stsb", tmp_path / "stsb", n=25)
+    out = tmp_path / "out"
+    train_classifier.main(argv(tiny_bert, train_file, dev_file, out, "--eval_only", "--test_file", test_file))
+    rows = [line.split("\t") for line in (out / "predictions.tsv").read_text().splitlines()[1:]]
+    scores = [float(prediction) for _, prediction in rows]  # a score, never a label such as LABEL_0
+    transformers.set_seed(42)  # as the run's setup() did before it loaded the model (--seed 42)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=1, problem_type="regression")
+    model.save_pretrained(tmp_path / "evaluated")
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / "evaluated")
+    by_hand = predicted_by_hand(tmp_path / "evaluated", test_file, TEST_TEXT["stsb"])[1]
+    assert scores == pytest.approx(by_hand, abs=1e-3)
