@@ -772,8 +772,12 @@ def train_with_a_batch_that_fits(train_fn, args):
             PartialState().print(f"note: {record} says a per-device batch of {size} fits: starting with it")
 
     def smaller():
+        """The next size to try: the largest divisor of the first size that is at most half the
+        last one (a divisor keeps the global batch whole); 0 when none is left."""
         nonlocal size
-        size = max([d for d in range(1, size // 2 + 1) if first % d == 0], default=0)
+        size //= 2
+        while size > 0 and first % size:
+            size -= 1
         return size
 
     @find_executable_batch_size(starting_batch_size=size, reduce_batch_size_fn=smaller)
@@ -785,8 +789,9 @@ def train_with_a_batch_that_fits(train_fn, args):
                 f"--auto_find_batch_size: per-device batch {batch_size} x {steps} accumulated (the same "
                 f"global batch as {first} x {accumulation}), from the last checkpoint"
             )
-            record.parent.mkdir(parents=True, exist_ok=True)
-            write_json(record, {"per_device_train_batch_size": batch_size, "global_batch": first * accumulation})
+            if PartialState().is_main_process:  # one record, written once
+                record.parent.mkdir(parents=True, exist_ok=True)
+                write_json(record, {"per_device_train_batch_size": batch_size, "global_batch": first * accumulation})
         # The run as if started with these two flags (a copy: args itself stays as parsed).
         args_that_fit = argparse.Namespace(**vars(args))
         args_that_fit.per_device_train_batch_size = batch_size
