@@ -989,10 +989,8 @@ def language_model_samples(args, accelerator, texts, make_samples, what):
         if test_text is not None:
             test = make_samples(test_text, "test")
     training = "no"  # (--eval_only)
-    if train is not None and args.streaming:
-        training = "streamed"
-    elif train is not None:
-        training = f"{len(train):,}"
+    if train is not None:
+        training = "streamed" if args.streaming else f"{len(train):,}"  # (a stream's length is not known)
     accelerator.print(f"{training} training and {len(validation):,} validation {what}")
     return train, validation, test
 
