@@ -274,7 +274,10 @@ def free_port():
 def torchrun_command(script, *args, nproc=2, nnodes=1, node_rank=0, port=None, wrapper=None):
     """`torchrun` for CPU processes (gloo): one machine, or node `node_rank` of `nnodes` on
     localhost."""
-    command = ["torchrun", "--nproc_per_node", str(nproc), "--nnodes", str(nnodes), "--node_rank", str(node_rank)]
+    # torchrun as a module of this interpreter: the `torchrun` on PATH may belong to another Python
+    # (an IDE or a CI system runs <venv>/bin/python without activating the venv).
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    command += ["--nnodes", str(nnodes), "--node_rank", str(node_rank)]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(port or free_port())]
     if wrapper:
         command.append(str(REPO / "tests" / wrapper))

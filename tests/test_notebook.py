@@ -3,7 +3,9 @@ data written here, no Drive, no install, no hub; everything else runs as users r
 scripts as shell commands, then the results cells)."""
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import helpers
@@ -23,19 +25,21 @@ def test_notebook_is_committed_without_outputs():
     assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
 
 
-def test_notebook_runs_end_to_end(tiny_bert, toy_files, tmp_path):
+def test_notebook_runs_end_to_end(tiny_bert, toy_files, tmp_path, monkeypatch):
     text = tmp_path / "train.txt", tmp_path / "valid.txt"
     text[0].write_text("\n".join(gpt2_tests.repetitive_lines(200, seed=1)) + "\n")
     text[1].write_text("\n".join(gpt2_tests.repetitive_lines(40, seed=2)) + "\n")
     gpt2 = gpt2_tests.make_tiny_gpt2(tmp_path / "gpt2", text[0].read_text().splitlines())
     out = tmp_path / "out"
+    launch = f"{sys.executable} -m accelerate.commands.launch --cpu --num_processes 1 --num_machines 1"
+    launch += " --mixed_precision no --dynamo_backend no"
     quick = "--num_train_epochs 1 --save_every_minutes 0 --per_device_train_batch_size 16"
     settings = f"""
 REPO_URL = None
 USE_DRIVE = False
 OUT = {str(out)!r}
 INSTALL = False
-LAUNCH = "accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no"
+LAUNCH = "{launch}"
 CLASSIFIER_ARGS = (
     "--model_name_or_path {tiny_bert} --train_file {toy_files[0]} --validation_file {toy_files[1]} {quick}"
 )
@@ -52,6 +56,9 @@ SHOW_TENSORBOARD = False
     nb = nbformat.read(NOTEBOOK, as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     cell.source = settings
+    # The notebook's `!python ...` cells run the `python` on PATH: this interpreter's, as in Colab,
+    # even when the tests run as <venv>/bin/python without the venv activated.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(helpers.REPO)}})
     client.execute()
 
