@@ -38,6 +38,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
+    SCALER_NAME,
     DistributedType,
     broadcast_object_list,
     find_executable_batch_size,
@@ -46,6 +47,7 @@ from accelerate.utils import (
     set_seed,
 )
 from accelerate.utils import load as accelerate_load
+from accelerate.utils.memory import should_reduce_batch_size
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -57,7 +59,12 @@ DRIVE_MOUNT, DRIVE_ROOT, DRIVE_FOLDER = "/content/drive", "/content/drive/MyDriv
 
 
 class UserError(Exception):
-    """Bad input or a bad setting: the message names the problem and the fix."""
+    """Bad input or a bad setting: the message names the problem and the fix. `one_process`: only
+    this process met it (an out-of-memory), so it says so itself; otherwise the first one does."""
+
+    def __init__(self, message, one_process=False):
+        super().__init__(message)
+        self.one_process = one_process
 
 
 STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # a full disk or Drive quota, read-only
@@ -176,6 +183,10 @@ def setup(args, script_name):
         )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, args)
+        if args.eval_only:
+            # No engine is built without an optimizer, so nothing would gather weights that ZeRO-3
+            # splits as they load (zero3_init_flag): the model loads whole on every process.
+            unset_hf_deepspeed_config()
     if args.push_to_hub:  # before any data or model is loaded: an upload that cannot happen stops the run now
         problem = broadcast_object_list([hub_problem(args) if accelerator.is_main_process else None])[0]
         if problem:
@@ -404,6 +415,7 @@ class TrainingState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False
+    evaluated_step: int | None = None  # the step of the last epoch-end evaluation, done and exported
     log_history: list = field(default_factory=list)
     stream_position: dict | None = None  # --streaming: where in the stream the used blocks end (StreamedBlocks)
     train_seconds: float = 0.0  # time spent in this run and the ones it resumed (for the model card)
@@ -440,7 +452,10 @@ class Run:
         self.state = self.checkpointer.resume()
         self.started, self.seconds_before = time.monotonic(), self.state.train_seconds
         if self.stream is not None:  # --streaming: the stream goes on from the checkpoint's place in it
-            self.stream.start_at(self.state.stream_position)
+            # Places kept: the blocks of 8 micro-batches of every process. The DataLoader reads at
+            # most 2 of them ahead of those trained on (the one it hands out and the next).
+            keep = 8 * self.args.per_device_train_batch_size * self.accelerator.num_processes
+            self.stream.start_at(self.state.stream_position, keep)
         StopSignals.catch()
         self.say_plan()
         self.progress = Progress(self.accelerator, self, self.lr_scheduler, self.flops_per_token)
@@ -463,7 +478,13 @@ class Run:
         )
 
     def finished(self):
-        return self.state.completed_steps >= self.total_steps or self.state.stopped_early
+        """A run is finished when its last evaluation and export are done, not when its last
+        optimizer step is: a run killed between the two (its last step's checkpoint was saved)
+        evaluates again when it is re-run, exactly as the uninterrupted run did."""
+        if self.state.stopped_early:
+            return True
+        state = self.state
+        return state.completed_steps >= self.total_steps and state.evaluated_step == state.completed_steps
 
     def epochs(self):
         """The epochs still to train, from where a resumed run stands (none if it is finished)."""
@@ -543,6 +564,7 @@ class Run:
             if patience and state.evals_without_improvement >= patience:
                 self.accelerator.print(f"No improvement in {self.metric} for {patience} evaluations: stopping early.")
                 state.stopped_early = True
+        state.evaluated_step = state.completed_steps  # saved now: with the last step, the run is finished
         self.save_checkpoint()
         self.progress.throughput.resume()
 
@@ -647,13 +669,24 @@ def evaluate(accelerator, model, dataloader, per_example):
     values keep a small last batch from skewing means."""
     model.eval()  # dropout off; the loop turns it on again at its next epoch (model.train())
     parts, dtypes = {}, {}
-    for batch in dataloader:
-        for k, v in accelerator.gather_for_metrics(per_example(model, batch)).items():
-            # Python numbers, not many small CPU tensors: on a CPU those would sit between the freed
-            # big buffers of each batch (logits) and keep the allocator from returning them (GBs
-            # over a long evaluation).
-            parts.setdefault(k, []).extend(v.cpu().tolist())
-            dtypes[k] = v.dtype
+    try:
+        for batch in dataloader:
+            for k, v in accelerator.gather_for_metrics(per_example(model, batch)).items():
+                # Python numbers, not many small CPU tensors: on a CPU those would sit between the
+                # freed big buffers of each batch (logits) and keep the allocator from returning
+                # them (GBs over a long evaluation).
+                parts.setdefault(k, []).extend(v.cpu().tolist())
+                dtypes[k] = v.dtype
+    except RuntimeError as err:
+        if not should_reduce_batch_size(err):
+            raise
+        # Evaluation has a batch size of its own: --auto_find_batch_size must not shrink the
+        # training batch for it (it catches out-of-memory errors, not this one).
+        raise UserError(
+            "out of memory while evaluating: pass a smaller --per_device_eval_batch_size and run the same command "
+            "again (complete checkpoints are intact; the training batch is not the problem)",
+            one_process=True,
+        ) from None
     return {k: torch.tensor(v, dtype=dtypes[k]) for k, v in parts.items()}
 
 
@@ -722,10 +755,11 @@ def run(train_fn, parse_args, argv=None):
             return train_with_a_batch_that_fits(train_fn, args)
         return train_fn(args)
     except UserError as err:
-        message = str(err)
+        message, one_process = str(err), err.one_process
     except OSError as err:
         if err.errno not in STORAGE_ERRORS:
             raise
+        one_process = False
         message = (
             f"cannot write {err.filename or 'the output'} ({err.strerror}); free some space or pass "
             "another --output_dir, then run the same command again (complete checkpoints are intact)"
@@ -735,7 +769,7 @@ def run(train_fn, parse_args, argv=None):
         StopSignals.restore()
     for bar in list(getattr(tqdm, "_instances", [])):
         bar.close()  # so the message starts on a line of its own
-    if os.environ.get("RANK", "0") == "0":  # several processes stop alike: the first one says why
+    if one_process or os.environ.get("RANK", "0") == "0":  # several processes stop alike: the first says why
         print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2) from None
 
@@ -762,14 +796,21 @@ def train_with_a_batch_that_fits(train_fn, args):
     when the GPU runs out of memory, runs it again with a smaller per-device batch (the largest
     divisor of the first one that halves it at least) and as many more accumulated micro-batches:
     the same global batch, so the same schedule, and the run goes on from its last checkpoint.
-    The size that fits goes to <output_dir>/batch_size.json; a re-run starts there."""
+    The size that fits goes to <output_dir>/batch_size.json; a re-run starts there. Every process
+    uses one size: the main process's reading of the record. On several processes, the one that
+    runs out of memory cannot tell the others (they wait for it inside a collective), so it writes
+    the smaller size down and stops the job; the same command then starts every process with it."""
     first, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    record, size = Path(args.output_dir) / "batch_size.json", first
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        fits = json.loads(record.read_text())
-        if fits["global_batch"] == first * accumulation:
-            size = fits["per_device_train_batch_size"]
-            PartialState().print(f"note: {record} says a per-device batch of {size} fits: starting with it")
+    record, size, processes = Path(args.output_dir) / "batch_size.json", first, PartialState()
+    if processes.is_main_process:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            fits = json.loads(record.read_text())
+            if fits["global_batch"] == first * accumulation:
+                size = fits["per_device_train_batch_size"]
+                print(f"note: {record} says a per-device batch of {size} fits: starting with it")
+    if processes.num_processes > 1:
+        size = broadcast_object_list([size])[0]
+    tries = 0
 
     def smaller():
         """The next size to try: the largest divisor of the first size that is at most half the
@@ -780,23 +821,44 @@ def train_with_a_batch_that_fits(train_fn, args):
             size -= 1
         return size
 
+    def remember(batch_size):
+        write_json(record, {"per_device_train_batch_size": batch_size, "global_batch": first * accumulation})
+
     @find_executable_batch_size(starting_batch_size=size, reduce_batch_size_fn=smaller)
     def train_with(batch_size):
+        nonlocal tries
+        tries += 1
         OutputLock.release_held()  # the try that ran out of memory held the folder
         steps = accumulation * first // batch_size
         if batch_size != first:
-            PartialState().print(
+            processes.print(
                 f"--auto_find_batch_size: per-device batch {batch_size} x {steps} accumulated (the same "
                 f"global batch as {first} x {accumulation}), from the last checkpoint"
             )
-            if PartialState().is_main_process:  # one record, written once
+            if processes.is_main_process:  # one record, written once
                 record.parent.mkdir(parents=True, exist_ok=True)
-                write_json(record, {"per_device_train_batch_size": batch_size, "global_batch": first * accumulation})
+                remember(batch_size)
         # The run as if started with these two flags (a copy: args itself stays as parsed).
         args_that_fit = argparse.Namespace(**vars(args))
         args_that_fit.per_device_train_batch_size = batch_size
         args_that_fit.gradient_accumulation_steps = steps
-        return train_fn(args_that_fit)
+        if tries > 1:  # --no_resume cleared the folder for the first try; a retry goes on from its checkpoints
+            args_that_fit.no_resume = False
+        if processes.num_processes == 1:
+            return train_fn(args_that_fit)
+        try:
+            return train_fn(args_that_fit)
+        except RuntimeError as err:
+            if not should_reduce_batch_size(err) or smaller() == 0:
+                raise
+            remember(size)  # by this process, the only one that knows; every process writes the same
+            again = " (without --no_resume, which would delete them)" if args.no_resume else ""
+            raise UserError(
+                f"out of memory on process {processes.process_index} with a per-device batch of {batch_size}; "
+                f"{record} now says {size}: run the same command again{again}, and every process goes on with it "
+                "from the last checkpoint",
+                one_process=True,
+            ) from None
 
     return train_with()
 
@@ -900,7 +962,7 @@ def load_hub_test_split(name, config_name=None):
 def load_texts(args, accelerator, keep_linebreaks=True):
     """The training, validation and (--test_file, else None) test text, read by the main process
     first: the others then read its cache."""
-    with accelerator.main_process_first():
+    with main_process_first(accelerator):
         train, validation = load_text_data(args, keep_linebreaks)
         test = None
         if args.test_file:  # held-out text, scored with best/ after training
@@ -982,7 +1044,7 @@ def language_model_samples(args, accelerator, texts, make_samples, what):
     `what` (samples of how many tokens) there are."""
     train_text, eval_text, test_text = texts
     train, test = None, None
-    with accelerator.local_main_process_first():
+    with main_process_first(accelerator, local=True):
         if not args.eval_only:
             train = make_samples(train_text, "training")
         validation = make_samples(eval_text, "validation")
@@ -1020,6 +1082,7 @@ def tokenize_to_file(texts, tokenize, tokenizer, args, what, recipe):
     key = [texts._fingerprint, tokenizer_fingerprint(tokenizer), recipe]
     name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
     token_file = TokenFile(Path(datasets.config.HF_DATASETS_CACHE) / "lm-tokens" / name)
+    token_file.tokens_path.parent.mkdir(parents=True, exist_ok=True)
     if token_file.open():
         PartialState().print(f"Tokens of the {what} text: {token_file.num_tokens:,}, from {token_file.tokens_path}")
         return token_file
@@ -1038,10 +1101,14 @@ def tokenize_to_file(texts, tokenize, tokenizer, args, what, recipe):
     # processes, and they would make one "worker" quietly use every core.
     threads = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # The mapped data goes to files of this writer's own, beside the token file: in a cache shared
+    # by several machines, another one's files may be read or deleted while it maps the same text.
+    cache_file = token_file.tokens_path.with_name(f"{writer_prefix()}{name}.map.arrow")
     try:
         encoded = texts.map(
             encode, batched=True, num_proc=workers if workers > 1 else None, remove_columns=texts.column_names,
             features=features, desc=f"Tokenizing the {what} text ({workers} process{'es' if workers > 1 else ''})",
+            cache_file_name=str(cache_file),
         )  # fmt: skip
     finally:
         os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -1076,6 +1143,7 @@ class TokenFile:
     .npy header holds the array's length, a file cut short later does not open either."""
 
     def __init__(self, path):
+        self.name = Path(path).name
         self.tokens_path, self.lines_path = Path(f"{path}.tokens.npy"), Path(f"{path}.lines.npy")
         self.tokens, self.line_starts = None, None
 
@@ -1105,15 +1173,12 @@ class TokenFile:
         whole text)."""
         folder = self.tokens_path.parent
         folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob(f".tmp-*-{self.tokens_path.name.split('.')[0]}.*"):  # a run killed while it wrote
-            writer = old.name.split("-")[1]
-            if writer == str(os.getpid()) or not process_exists(writer):
-                old.unlink()
+        remove_killed_writers(folder, self.name)
         # How many tokens: the sum of the lines' lengths, which Arrow keeps apart from the ids
         # themselves (the list offsets): counted without reading the ids.
         total = pc.sum(pc.list_value_length(encoded.data.column("input_ids"))).as_py() or 0
         dtype = token_dtype(vocabulary_size)
-        tmp = {path: path.with_name(f".tmp-{os.getpid()}-{path.name}") for path in (self.lines_path, self.tokens_path)}
+        tmp = {path: path.with_name(f"{writer_prefix()}{path.name}") for path in (self.lines_path, self.tokens_path)}
         starts = np.lib.format.open_memmap(tmp[self.lines_path], mode="w+", dtype=np.int64, shape=(len(encoded) + 1,))
         tokens = np.lib.format.open_memmap(tmp[self.tokens_path], mode="w+", dtype=dtype, shape=(total,))
         position, line = 0, 0
@@ -1130,6 +1195,29 @@ class TokenFile:
         for path, written in tmp.items():  # the line starts, then the tokens: a token file that opens is whole
             os.replace(written, path)
         self.open()
+
+
+def writer_prefix():
+    """Temporary files are named for their writer, `.tmp-<pid>@<host>-`: the datasets cache (and
+    the token files in it) may be shared by several machines (an NFS home), whose first processes
+    all write the same token file at once."""
+    return f".tmp-{os.getpid()}@{socket.gethostname()}-"
+
+
+def remove_killed_writers(folder, name):
+    """Remove the temporary files of `name` that a killed writer left: one of this machine whose
+    process is gone, or one of another machine untouched for a day (a live writer's files change
+    as it writes; its process cannot be looked up from here)."""
+    for old in folder.glob(f".tmp-*-{name}.*"):
+        pid, _, rest = old.name.removeprefix(".tmp-").partition("@")
+        host = rest[: rest.find(f"-{name}.")]
+        with contextlib.suppress(OSError):
+            if host == socket.gethostname():
+                killed = pid == str(os.getpid()) or not process_exists(pid)
+            else:
+                killed = time.time() - old.stat().st_mtime > 24 * 3600
+            if killed:
+                old.unlink()
 
 
 def token_dtype(vocabulary_size):
@@ -1191,10 +1279,15 @@ class StreamedBlocks(torch.utils.data.IterableDataset):
     def __init__(self, lines, tokenize, block_size=None, special_ids=None):
         self.lines, self.tokenize, self.block_size = lines, tokenize, block_size
         self.special_ids = None if special_ids is None else np.array(sorted(special_ids))
-        self.start, self.positions = None, collections.deque(maxlen=10_000)  # where the last blocks given end
+        # Where the last blocks given end (none kept until start_at says how many).
+        self.start, self.positions = None, collections.deque(maxlen=0)
 
-    def start_at(self, position):
-        self.start = position  # None: the stream's beginning
+    def start_at(self, position, keep):
+        """Start the next pass at `position` (None: the stream's beginning), keeping the places of
+        the last `keep` blocks given: at least as many as the DataLoader fetches ahead of the
+        blocks training has used (Run keeps several global micro-batches: a fixed number would
+        fail on a large enough job)."""
+        self.start, self.positions = position, collections.deque(maxlen=keep)
 
     def position_after(self, blocks):
         """Where the stream stands once `blocks` of its blocks (counted from its beginning, across
@@ -1376,8 +1469,13 @@ def lock_output_dir(accelerator, output_dir):
             OutputLock(output_dir).acquire()
         except UserError as err:
             problem = str(err)
+    if problem is None and accelerator.is_main_process:
+        for old in Path(output_dir).glob(".done-*"):  # main_process_first's, of a job that was killed
+            old.unlink(missing_ok=True)
     lock = broadcast_object_list([problem, OutputLock.held and OutputLock.held.me])  # the main process's, to all
     problem, holder = lock
+    if holder is not None:
+        Waits.job = f"{holder['host']}-{holder['pid']}"
     if problem is None and not accelerator.is_main_process and not sees_lock(Path(output_dir) / LOCK_FILE, holder):
         problem = (
             f"process {accelerator.process_index} on {socket.gethostname()} does not see the lock that the main "
@@ -1388,6 +1486,40 @@ def lock_output_dir(accelerator, output_dir):
     if problems:
         OutputLock.release_held()
         raise UserError(problems[0])
+
+
+class Waits:
+    """What main_process_first needs to name its files: the job (its main process's host and pid,
+    the same in every process) and how many waits it has had (every process has the same ones)."""
+
+    job, count = None, 0
+
+
+@contextlib.contextmanager
+def main_process_first(accelerator, local=False):
+    """The main process (with `local`: each machine's first process) runs the block first, the
+    others after it, reading what it made (a datasets cache, a token file, a tokenizer). Like
+    Accelerate's main_process_first, except for how the others wait: they look for a file that
+    the first one writes into --output_dir (which every process sees) when it is done, once a
+    second, instead of waiting inside a collective. Reading or tokenizing gigabytes takes longer
+    than a backend waits in one (NCCL: 10 minutes, under DeepSpeed 30) before it aborts the job."""
+    if accelerator.num_processes == 1:
+        yield
+        return
+    Waits.count += 1
+    first = accelerator.is_local_main_process if local else accelerator.is_main_process
+    who = f"machine{accelerator.process_index - accelerator.local_process_index}" if local else "job"
+    done = Path(accelerator.project_dir) / f".done-{Waits.job}-{Waits.count}-{who}"
+    while not first and not done.exists():
+        time.sleep(1.0)
+    try:
+        yield
+    finally:
+        if first:  # done, or failed: the others run the block then, and meet the same error
+            done.touch()
+    accelerator.wait_for_everyone()  # each one's part is done: a short wait
+    if first:
+        done.unlink(missing_ok=True)
 
 
 def sees_lock(path, holder, wait=30.0):
@@ -1588,11 +1720,26 @@ def try_to_load(accelerator, path, same_processes=True):
                 accelerate_load(rng_file)
             except Exception as err:
                 raise ValueError(f"{rng_file.name} cannot be loaded safely: {first_line(err, None)}") from None
-        accelerator.load_state(str(path))
+        load_state(accelerator, path)
     except Exception as err:  # whole in size but unreadable, or not safe to unpickle
         where = f"process {accelerator.process_index}: " if accelerator.num_processes > 1 else ""
         return where + first_line(err, 300)
     return None
+
+
+def load_state(accelerator, path):
+    """accelerator.load_state, also for a checkpoint saved in another precision. --mixed_precision
+    may change on resume (auto picks bf16 on an A100, fp16 on a T4): fp16 has a loss scaler, which
+    Accelerate loads from scaler.pt unconditionally, and a checkpoint saved without fp16 has none.
+    The scale then starts afresh, as in a new fp16 run (it adapts within a few steps)."""
+    scaler = accelerator.scaler
+    if scaler is not None and not (path / SCALER_NAME).exists():
+        accelerator.print(f"note: {path.name} was saved without fp16 (no {SCALER_NAME}): the loss scale starts afresh")
+        accelerator.scaler = None  # for load_state only; the prepared optimizer keeps its own reference
+    try:
+        accelerator.load_state(str(path))
+    finally:
+        accelerator.scaler = scaler
 
 
 def check_settings(accelerator, saved, current, path):
@@ -1646,7 +1793,12 @@ def batch_advice(global_batch, processes, per_device, accumulation):
 
 
 def write_json(path, obj):
-    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+    """Written under a temporary name, then renamed: a kill midway leaves the old file or the new
+    one, never half of one (a re-run reads it)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def delete_tree(path):

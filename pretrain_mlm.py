@@ -166,10 +166,10 @@ def get_tokenizer(accelerator, texts, args):
     if args.model_name_or_path:
         return common.from_pretrained(AutoTokenizer, args.model_name_or_path, "tokenizer")
     output_dir = Path(args.output_dir)
-    if accelerator.is_main_process and (args.no_resume or not (output_dir / "tokenizer.json").exists()):
-        accelerator.print(f"Training a byte-level BPE tokenizer ({args.vocab_size:,} tokens) ...")
-        train_tokenizer(texts, args, output_dir)
-    accelerator.wait_for_everyone()
+    with common.main_process_first(accelerator):  # the others wait (outside a collective: it may take long)
+        if accelerator.is_main_process and (args.no_resume or not (output_dir / "tokenizer.json").exists()):
+            accelerator.print(f"Training a byte-level BPE tokenizer ({args.vocab_size:,} tokens) ...")
+            train_tokenizer(texts, args, output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     accelerator.print(f"Tokenizer in {output_dir}: {len(tokenizer):,} tokens")
     return tokenizer

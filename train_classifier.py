@@ -78,7 +78,7 @@ def parse_args(argv=None):
 
 def train(args):
     accelerator = common.setup(args, "train_classifier")
-    with accelerator.main_process_first():  # the main process reads the data; the others read its cache
+    with common.main_process_first(accelerator):  # the main process reads the data; the others read its cache
         train_data, eval_data, columns, label_column, label_names = load_data(args)
         test_data = load_test_data(args, columns)  # checked now: a bad test file must not wait for the training
     metric = choose_metric(args, label_names)
@@ -428,7 +428,7 @@ def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns
     splits = {"training": train_data, "validation": eval_data}
     if args.eval_only:  # nothing to train on: the training data is not tokenized
         del splits["training"]
-    with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
+    with common.main_process_first(accelerator):  # the main process tokenizes; the others read its cache
         for name, data in splits.items():
             splits[name] = data.map(tokenize, batched=True, remove_columns=columns)
     if "truncated" in splits["validation"].column_names:  # (a fast tokenizer says what it cut)

@@ -312,14 +312,34 @@ def test_a_stream_packs_like_a_token_file_and_resumes_at_any_block(tiny_gpt2, tm
         return common.StreamedBlocks(text, lambda batch: tokenizer(batch)["input_ids"], BLOCK)
 
     first = stream()
+    first.start_at(None, keep=10_000)  # the places of every block: any can be resumed from
     blocks = [sample["input_ids"].tolist() for sample in first]
     tokens = stream_of_tokens(tokenizer, path)
     assert [t for block in blocks for t in block] == tokens[: len(blocks) * BLOCK]
     assert len(tokens) - len(blocks) * BLOCK < BLOCK
-    for used in (1, 7, 1_010, len(blocks) - 3):  # (the first pass kept the places of its last 10,000 blocks)
+    assert len(blocks) < 10_000
+    for used in (1, 7, 1_010, len(blocks) - 3):
         again = stream()
-        again.start_at(json.loads(json.dumps(first.position_after(used))))  # as a checkpoint stores it
+        again.start_at(json.loads(json.dumps(first.position_after(used))), keep=1)  # as a checkpoint stores it
         assert [sample["input_ids"].tolist() for sample in again] == blocks[used:], used
+
+
+def test_a_stream_keeps_the_places_a_large_job_needs(tmp_path):
+    """On 313 processes of 32 blocks each (pretrain_mlm's default batch), one micro-batch is
+    10,016 blocks: a checkpoint after two of them needs the place of block 20,032 while the
+    DataLoader has read a micro-batch further. A fixed 10,000 places kept lost it, and the
+    resumed run started over from the stream's first block."""
+    import common
+
+    text = datasets.Dataset.from_dict({"text": ["a b c d"] * 16_000}).to_iterable_dataset()
+    micro_batch = 32 * 313
+    stream = common.StreamedBlocks(text, lambda lines: [[1, 2, 3, 4] for _ in lines], block_size=2)
+    stream.start_at(None, keep=8 * micro_batch)  # what Run keeps for this job
+    blocks = iter(stream)
+    for _ in range(3 * micro_batch):  # two micro-batches used, the third read ahead
+        next(blocks)
+    place = stream.position_after(2 * micro_batch)
+    assert place is not None and place["given"] == 2 * micro_batch
 
 
 def test_streaming_trains_and_a_killed_run_resumes_at_its_place_in_the_stream(tiny_gpt2, text_files, tmp_path):

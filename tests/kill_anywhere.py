@@ -1,0 +1,144 @@
+"""Kill each script many times at random moments, re-running the same command after each kill, and
+check that the run ends where an uninterrupted run ends: the same best/ weights (to the bit, on a
+CPU), the same metrics, the same final checkpoint step.
+
+    python tests/kill_anywhere.py --kills 30                 # every script, 30 kills each
+    python tests/kill_anywhere.py --scripts finetune_gpt2 --kills 10 --seed 7
+
+The moments are drawn (seeded: the seed replays a failure) uniformly over an uninterrupted run's
+duration, so they fall where a run spends its time: starting, tokenizing, training steps,
+checkpoints being written, the epoch-end evaluations, the export, the demo at the end. The
+validation data is larger than the training data, so the last evaluation is long enough to be hit.
+Each kill's moment is reported by the last line the run printed. tests/test_kill_anywhere.py runs
+a few kills of each script in the suite."""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers, when run as a script
+import helpers  # noqa: E402
+
+SCRIPTS = ("train_classifier", "finetune_gpt2", "pretrain_mlm")
+STEPS = ["--num_train_epochs", 2, "--checkpointing_steps", 3, "--save_every_minutes", 0, "--logging_steps", 2]
+
+
+def job(script, folder):
+    """The command line (without --output_dir) of a small run of `script`, with its tiny model and
+    data written into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if script == "train_classifier":
+        model = helpers.make_tiny_bert(folder / "bert")
+        train = helpers.write_csv(folder / "train.csv", helpers.toy_rows(96, seed=1))
+        dev = helpers.write_csv(folder / "dev.csv", helpers.toy_rows(400, seed=2))
+        test = helpers.write_csv(folder / "test.csv", [{"text": r["text"]} for r in helpers.toy_rows(40, seed=3)])
+        data = ["--model_name_or_path", model, "--train_file", train, "--validation_file", dev, "--test_file", test]
+        sizes = ["--per_device_train_batch_size", 16, "--per_device_eval_batch_size", 4, "--learning_rate", "3e-3"]
+        return data + sizes + STEPS
+    from test_finetune_gpt2 import make_tiny_gpt2, repetitive_lines
+
+    (folder / "train.txt").write_text("\n".join(repetitive_lines(120, seed=1)) + "\n")
+    (folder / "valid.txt").write_text("\n".join(repetitive_lines(400, seed=2)) + "\n")
+    data = ["--train_file", folder / "train.txt", "--validation_file", folder / "valid.txt"]
+    sizes = ["--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 2, "--learning_rate", "2e-3"]
+    if script == "finetune_gpt2":
+        lines = (folder / "train.txt").read_text().splitlines()
+        model = make_tiny_gpt2(folder / "gpt2", lines)
+        demo = ["--max_new_tokens", 8, "--prompt", "the cat"]
+        return ["--model_name_or_path", model, "--block_size", 16, *data, *sizes, *demo, *STEPS]
+    model = ["--vocab_size", 300, "--max_seq_length", 16, "--max_position_embeddings", 18, "--num_hidden_layers", 1]
+    model += ["--hidden_size", 32, "--num_attention_heads", 2, "--intermediate_size", 64]
+    return [*data, *model, *sizes, "--fill_mask_prompt", "the cat sat on the <mask> .", *STEPS]
+
+
+def run(script, argv, log, kill_after=None):
+    """The script once, its output into `log`; killed with SIGKILL after `kill_after` seconds if
+    it is still running. Returns (exit code, or "killed"; seconds)."""
+    started = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            helpers.script_command(f"{script}.py", *argv), cwd=helpers.REPO, env=helpers.offline_env(),
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            code = proc.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            code = "killed"
+    return code, time.monotonic() - started
+
+
+def last_line(log):
+    """What the run was doing when it was killed: the last line it printed (progress bars
+    redraw themselves after a carriage return)."""
+    lines = [line for line in Path(log).read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1].strip()[:100] if lines else "(nothing printed yet)"
+
+
+def outcome(out):
+    """What a run ended with: best/'s weights, the metrics, the newest checkpoint's step."""
+    checkpoints = sorted((out / "checkpoints").glob("step_*"))
+    state = json.loads((checkpoints[-1] / "training_state.json").read_text())["state"]
+    return {
+        "best": hashlib.sha256((out / "best" / "model.safetensors").read_bytes()).hexdigest()[:16],
+        "metrics": json.loads((out / "eval_results.json").read_text()),
+        "step": state["completed_steps"],
+        "evaluated_step": state.get("evaluated_step"),
+    }
+
+
+def check(script, folder, kills, seed):
+    """An uninterrupted run of `script`, then the same command killed `kills` times at random
+    moments and run once more to its end; a report saying whether both ended alike."""
+    folder = Path(folder)
+    argv = job(script, folder / "data")
+    whole = folder / "whole"
+    code, seconds = run(script, [*argv, "--output_dir", whole], folder / "whole.log")
+    assert code == 0, Path(folder / "whole.log").read_text()[-3000:]
+    rng = random.Random(f"{seed}-{script}")
+    out, moments = folder / "killed", []
+    for i in range(kills):
+        log = folder / f"kill{i}.log"
+        code, _ = run(script, [*argv, "--output_dir", out], log, kill_after=rng.uniform(0, seconds))
+        if code not in ("killed", 0):
+            raise AssertionError(f"{script}, seed {seed}: run {i} failed ({code}):\n{log.read_text()[-3000:]}")
+        moments.append(last_line(log) if code == "killed" else "(ended before the kill)")
+    code, _ = run(script, [*argv, "--output_dir", out], folder / "last.log")
+    assert code == 0, f"{script}, seed {seed}: the last run failed:\n{(folder / 'last.log').read_text()[-3000:]}"
+    expected, got = outcome(whole), outcome(out)
+    report = {"script": script, "seed": seed, "kills": kills, "seconds": round(seconds, 1), "moments": moments}
+    return report | {"same": expected == got, "uninterrupted": expected, "killed": got}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kills", type=int, default=30, help="kills per script")
+    parser.add_argument("--seed", type=int, default=0, help="draws the kill moments")
+    parser.add_argument("--scripts", nargs="+", default=SCRIPTS, choices=SCRIPTS)
+    args = parser.parse_args()
+    # Tests' settings: offline, and a datasets cache (token files) of this check's own.
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="kill-anywhere-cache-")
+    failed = 0
+    for script in args.scripts:
+        with tempfile.TemporaryDirectory(prefix=f"kill-{script}-") as folder:
+            report = check(script, folder, args.kills, args.seed)
+        for i, moment in enumerate(report.pop("moments")):
+            print(f"{script} kill {i:2d}: {moment}")
+        print(json.dumps(report))
+        failed += not report["same"]
+    print(f"{len(args.scripts) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

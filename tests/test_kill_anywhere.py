@@ -1,0 +1,65 @@
+"""Kill a run anywhere, run the same command again, and it ends where the uninterrupted run ends:
+the same best/ weights, the same metrics, the same final step. First the moment that used to
+break it (a kill during the last evaluation, after the last step's checkpoint), made on purpose;
+then kills at random moments of every script (tests/kill_anywhere.py, seeded: a failure names
+the seed that replays it)."""
+
+import json
+import os
+
+import kill_anywhere
+import pytest
+from test_train_classifier import argv, newest_state
+
+import train_classifier
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL in a run called in-process: no `except Exception` catches it, so nothing
+    after the point it is raised at runs (no save, no export)."""
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_kill_during_the_last_evaluation_is_evaluated_on_the_next_run(
+    tiny_bert, toy_files, tmp_path, monkeypatch, epochs
+):
+    """The last step's checkpoint is saved (--checkpointing_steps divides the steps), then the
+    run dies in its last evaluation (an out-of-memory, a preemption). The re-run must evaluate
+    and export that step: a one-epoch run used to fail on every re-run (no eval_results.json), a
+    longer one to end with the previous epoch's model."""
+    extra = ["--num_train_epochs", epochs, "--checkpointing_steps", 25]  # 25 steps an epoch
+    train_classifier.main(argv(tiny_bert, *toy_files, tmp_path / "whole", *extra))
+
+    real_evaluation, evaluations = train_classifier.run_evaluation, []
+
+    def killed_in_the_last_evaluation(*args, **kwargs):
+        evaluations.append(1)
+        if len(evaluations) == epochs:
+            raise Killed
+        return real_evaluation(*args, **kwargs)
+
+    monkeypatch.setattr(train_classifier, "run_evaluation", killed_in_the_last_evaluation)
+    killed = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train_classifier.main(argv(tiny_bert, *toy_files, killed, *extra))
+    monkeypatch.undo()
+    assert newest_state(killed)["completed_steps"] == 25 * epochs  # the last step's checkpoint is there
+
+    train_classifier.main(argv(tiny_bert, *toy_files, killed, *extra))
+    whole, again = tmp_path / "whole", killed
+    assert (again / "best" / "model.safetensors").read_bytes() == (whole / "best" / "model.safetensors").read_bytes()
+    results = [json.loads((out / "eval_results.json").read_text()) for out in (again, whole)]
+    assert results[0] == results[1]
+    assert newest_state(again)["evaluated_step"] == 25 * epochs
+    # Finished now: a third run trains and evaluates nothing more.
+    state = train_classifier.main(argv(tiny_bert, *toy_files, killed, *extra))
+    assert state.completed_steps == 25 * epochs
+
+
+@pytest.mark.parametrize("script", kill_anywhere.SCRIPTS)
+def test_random_kills_end_at_the_uninterrupted_model(script, tmp_path):
+    """A few SIGKILLs at random moments of each script (the many-kill version: `python
+    tests/kill_anywhere.py --kills 30`), each followed by the same command."""
+    seed = int(os.environ.get("KILL_SEED", "0"))  # another seed draws other moments
+    report = kill_anywhere.check(script, tmp_path, kills=3, seed=seed)
+    assert report["same"], report
