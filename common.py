@@ -796,20 +796,20 @@ def train_with_a_batch_that_fits(train_fn, args):
     when the GPU runs out of memory, runs it again with a smaller per-device batch (the largest
     divisor of the first one that halves it at least) and as many more accumulated micro-batches:
     the same global batch, so the same schedule, and the run goes on from its last checkpoint.
-    The size that fits goes to <output_dir>/batch_size.json; a re-run starts there. Every process
-    uses one size: the main process's reading of the record. On several processes, the one that
-    runs out of memory cannot tell the others (they wait for it inside a collective), so it writes
-    the smaller size down and stops the job; the same command then starts every process with it."""
+    The size that fits goes to <output_dir>/batch_size.json; a re-run starts there. On several
+    processes (torchrun and `accelerate launch` set WORLD_SIZE and RANK, read here since no
+    Accelerator exists yet) all read one record and start alike, and the one that runs out of
+    memory cannot tell the others (they wait for it inside a collective): it writes the smaller
+    size down and stops the job; the same command then starts every process with it."""
     first, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    record, size, processes = Path(args.output_dir) / "batch_size.json", first, PartialState()
-    if processes.is_main_process:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            fits = json.loads(record.read_text())
-            if fits["global_batch"] == first * accumulation:
-                size = fits["per_device_train_batch_size"]
+    record, size = Path(args.output_dir) / "batch_size.json", first
+    rank, processes = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        fits = json.loads(record.read_text())
+        if fits["global_batch"] == first * accumulation:
+            size = fits["per_device_train_batch_size"]
+            if rank == 0:
                 print(f"note: {record} says a per-device batch of {size} fits: starting with it")
-    if processes.num_processes > 1:
-        size = broadcast_object_list([size])[0]
     tries = 0
 
     def smaller():
@@ -830,21 +830,20 @@ def train_with_a_batch_that_fits(train_fn, args):
         tries += 1
         OutputLock.release_held()  # the try that ran out of memory held the folder
         steps = accumulation * first // batch_size
-        if batch_size != first:
-            processes.print(
+        if batch_size != first and rank == 0:  # said and recorded once
+            print(
                 f"--auto_find_batch_size: per-device batch {batch_size} x {steps} accumulated (the same "
                 f"global batch as {first} x {accumulation}), from the last checkpoint"
             )
-            if processes.is_main_process:  # one record, written once
-                record.parent.mkdir(parents=True, exist_ok=True)
-                remember(batch_size)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            remember(batch_size)
         # The run as if started with these two flags (a copy: args itself stays as parsed).
         args_that_fit = argparse.Namespace(**vars(args))
         args_that_fit.per_device_train_batch_size = batch_size
         args_that_fit.gradient_accumulation_steps = steps
         if tries > 1:  # --no_resume cleared the folder for the first try; a retry goes on from its checkpoints
             args_that_fit.no_resume = False
-        if processes.num_processes == 1:
+        if processes == 1:
             return train_fn(args_that_fit)
         try:
             return train_fn(args_that_fit)
@@ -854,7 +853,7 @@ def train_with_a_batch_that_fits(train_fn, args):
             remember(size)  # by this process, the only one that knows; every process writes the same
             again = " (without --no_resume, which would delete them)" if args.no_resume else ""
             raise UserError(
-                f"out of memory on process {processes.process_index} with a per-device batch of {batch_size}; "
+                f"out of memory on process {rank} with a per-device batch of {batch_size}; "
                 f"{record} now says {size}: run the same command again{again}, and every process goes on with it "
                 "from the last checkpoint",
                 one_process=True,

@@ -246,3 +246,57 @@ def test_no_resume_empties_files_before_deleting_them(two_processes, tmp_path):
     os.link(checkpoints(out)[0] / "optimizer.bin", link)
     train_classifier.main(args(out, "--no_resume", "--max_train_steps", 1, "--num_train_epochs", 1))
     assert link.stat().st_size == 0
+
+
+# ---------------------------------------------------------------------------
+# Faults of a multi-GPU job that only some processes meet (tests/faults_on_cpu.py makes them).
+# ---------------------------------------------------------------------------
+
+
+def torchrun_with_faults(script, args, timeout=150, **faults):
+    """torchrun of `script` under tests/faults_on_cpu.py; a job that hangs is killed whole (its
+    processes too) and fails the test."""
+    command = helpers.torchrun_command(script, *args, wrapper="faults_on_cpu.py")
+    env = helpers.offline_env(ACCELERATE_USE_CPU="1", **{k: str(v) for k, v in faults.items()})
+    proc = subprocess.Popen(
+        command, cwd=helpers.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"the job hung for {timeout} s") from None
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def test_auto_find_batch_size_on_two_processes_agrees_on_one_size(tiny_bert, toy_files, tmp_path):
+    """One process runs out of memory with 16 examples, the other does not: they cannot retry
+    apart (the other waits for its gradients forever). The job stops, saying so, with the smaller
+    size recorded, and the same command goes on with it on every process."""
+    out = tmp_path / "run"
+    args = classifier_argv(tiny_bert, *toy_files, out, "--max_train_steps", 4, "--auto_find_batch_size")
+    first = torchrun_with_faults("train_classifier.py", args, OOM_RANK=1, OOM_ABOVE=8)
+    assert first.returncode != 0
+    assert "error: out of memory on process 1 with a per-device batch of 16" in first.stderr, first.stderr[-3000:]
+    assert json.loads((out / "batch_size.json").read_text())["per_device_train_batch_size"] == 8
+    again = torchrun_with_faults("train_classifier.py", args, OOM_RANK=1, OOM_ABOVE=8)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "a per-device batch of 8 fits: starting with it" in again.stdout
+    assert meta(checkpoints(out)[-1])["state"]["completed_steps"] == 4
+
+
+def test_processes_wait_for_long_tokenizing_outside_collectives(tmp_path):
+    """The first process tokenizes for longer than a collective may wait (NCCL: 10 minutes, here
+    made 4 seconds): the other one waits for its token file without timing out."""
+    import test_finetune_gpt2 as gpt2_tests
+
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(gpt2_tests.repetitive_lines(200, seed=1)) + "\n")
+    gpt2 = gpt2_tests.make_tiny_gpt2(tmp_path / "gpt2", text.read_text().splitlines())
+    args = gpt2_tests.argv(gpt2, text, None, tmp_path / "out", "--max_train_steps", 2, "--max_new_tokens", 0)
+    run = torchrun_with_faults("finetune_gpt2.py", args, SLOW_RANK=0, SLOW_SECONDS=8, COLLECTIVE_TIMEOUT=4)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["step"] == 2
+    assert not list((tmp_path / "out").glob(".done-*"))  # the waits leave nothing behind

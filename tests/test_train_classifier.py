@@ -573,3 +573,76 @@ def test_auto_find_batch_size_halves_the_batch_keeps_the_global_one_and_remember
     steps.clear()
     train_classifier.main(argv(model, *toy_files, out, *base, "--auto_find_batch_size", "--max_train_steps", 7))
     assert "a per-device batch of 4 fits: starting with it" in capsys.readouterr().out and max(steps) == 4
+
+
+def out_of_memory_above(monkeypatch, examples, after_steps=0, training=True):
+    """A GPU that holds `examples` examples at a time, in training (or evaluation) batches, once
+    `after_steps` training batches have run."""
+    from transformers import BertForSequenceClassification
+
+    forward, steps = BertForSequenceClassification.forward, []
+
+    def small_gpu(self, **batch):
+        if self.training:
+            steps.append(len(batch["input_ids"]))
+        if self.training == training and len(batch["input_ids"]) > examples and len(steps) > after_steps:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, **batch)
+
+    monkeypatch.setattr(BertForSequenceClassification, "forward", small_gpu)
+    return steps
+
+
+def test_auto_find_batch_size_retries_from_the_checkpoints_under_no_resume(
+    tiny_bert, toy_files, tmp_path, monkeypatch, capsys
+):
+    """--no_resume clears the folder for the run, not for each retry of it: the retry after an
+    out-of-memory goes on from the checkpoints that the first try saved."""
+    out_of_memory_above(monkeypatch, 8, after_steps=2)
+    args = ["--max_train_steps", 4, "--checkpointing_steps", 2, "--auto_find_batch_size", "--no_resume"]
+    state = train_classifier.main(argv(tiny_bert, *toy_files, tmp_path / "run", *args))
+    printed = capsys.readouterr().out
+    assert "per-device batch 8 x 2 accumulated" in printed
+    assert "Resumed from" in printed.split("per-device batch 8 x 2")[-1] and state.completed_steps == 4
+
+
+def test_out_of_memory_in_evaluation_names_the_eval_batch_and_keeps_the_training_batch(
+    tiny_bert, toy_files, tmp_path, monkeypatch, capsys
+):
+    """Evaluation has a batch size of its own: running out of memory there must not shrink the
+    training batch (nor retrain from a checkpoint); it says which flag to lower, and the last
+    step's checkpoint is kept for the re-run."""
+    out_of_memory_above(monkeypatch, 4, training=False)
+    out = tmp_path / "run"
+    args = ["--max_train_steps", 2, "--checkpointing_steps", 2, "--auto_find_batch_size"]
+    with pytest.raises(SystemExit) as info:
+        train_classifier.main(argv(tiny_bert, *toy_files, out, *args))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "out of memory while evaluating: pass a smaller --per_device_eval_batch_size" in err
+    assert not (out / "batch_size.json").exists()
+    assert json.loads((checkpoints(out)[-1] / common.STATE_FILE).read_text())["state"]["completed_steps"] == 2
+    monkeypatch.undo()
+    state = train_classifier.main(argv(tiny_bert, *toy_files, out, *args, "--per_device_eval_batch_size", 4))
+    assert state.evaluated_step == 2 and (out / "best" / "model.safetensors").exists()
+
+
+def test_a_checkpoint_saved_without_fp16_resumes_in_fp16(tiny_bert, toy_files, tmp_path, monkeypatch, capsys):
+    """auto precision is bf16 on an A100 and fp16 on a T4: a Colab user who gets a T4 after an
+    A100 resumes with a fresh loss scaler, not with "pass --no_resume". (A CPU has no fp16 scaler:
+    the Accelerator is given the GPU's, a GradScaler on the CPU.)"""
+    out = tmp_path / "run"
+    train_classifier.main(argv(tiny_bert, *toy_files, out, "--max_train_steps", 2, "--mixed_precision", "bf16"))
+    assert not (checkpoints(out)[-1] / "scaler.pt").exists()
+
+    class GPUAccelerator(common.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.mixed_precision == "fp16":
+                self.scaler = torch.amp.GradScaler("cpu")
+
+    monkeypatch.setattr(common, "Accelerator", GPUAccelerator)
+    state = train_classifier.main(argv(tiny_bert, *toy_files, out, "--max_train_steps", 4, "--mixed_precision", "fp16"))
+    printed = capsys.readouterr().out
+    assert "Resumed from" in printed and "the loss scale starts afresh" in printed
+    assert state.completed_steps == 4 and (checkpoints(out)[-1] / "scaler.pt").exists()
