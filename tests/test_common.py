@@ -1,5 +1,8 @@
 """Pieces of common.py that can be checked on their own."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -164,3 +167,60 @@ def test_the_command_line_never_holds_the_hub_token(token, tmp_path):
     argv = ["--train_file", "train.csv", "--output_dir", str(tmp_path), *token]
     command = common.run(command_of, train_classifier.parse_args, argv)
     assert "hf_SECRET" not in command and "$HF_TOKEN" in command
+
+
+def test_token_file_writers_leave_each_other_alone(tmp_path):
+    """A datasets cache may be shared by machines (an NFS home), whose first processes write the
+    same token file at once. A temporary file of this machine's killed writer is removed; one of
+    another machine (its process cannot be looked up here) only when untouched for a day."""
+    import socket
+    import subprocess
+    import time
+
+    import datasets
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id that no process of this machine has
+    here, name = socket.gethostname(), "abc"
+    killed_here = tmp_path / f".tmp-{dead.pid}@{here}-{name}.tokens.npy"
+    writing_elsewhere = tmp_path / f".tmp-{dead.pid}@another-machine-{name}.tokens.npy"
+    killed_elsewhere = tmp_path / f".tmp-{dead.pid}@another-machine-{name}.lines.npy"
+    unnamed_writer = tmp_path / f".tmp-{dead.pid}-{name}.tokens.npy"  # the host unknown (an older version's)
+    for path in (killed_here, writing_elsewhere, killed_elsewhere, unnamed_writer):
+        path.write_bytes(b"partial")
+    day_ago = time.time() - 25 * 3600
+    os.utime(killed_elsewhere, (day_ago, day_ago))
+    token_file = common.TokenFile(tmp_path / name)
+    token_file.write(datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]]}), 300)
+    assert token_file.open() and list(token_file.tokens) == [1, 2, 3]
+    assert writing_elsewhere.exists() and unnamed_writer.exists()
+    assert not killed_here.exists() and not killed_elsewhere.exists()
+
+
+def test_tokenizing_maps_into_files_of_its_own(tmp_path, monkeypatch):
+    """The mapped data set goes to files named for this writer beside the token file, not to the
+    data set's cache, where another machine mapping the same text would read or delete them."""
+    import argparse
+    import socket
+
+    import datasets
+    import helpers
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    tokenizer = AutoTokenizer.from_pretrained(helpers.make_tiny_bert(tmp_path / "bert"))
+    (tmp_path / "text.txt").write_text("good w1\nbad w2\n")
+    text = datasets.load_dataset("text", data_files=str(tmp_path / "text.txt"), split="train", cache_dir=tmp_path)
+    real_map, cache_files = datasets.Dataset.map, []
+
+    def map_(self, *args, **kwargs):
+        cache_files.append(kwargs.get("cache_file_name"))
+        return real_map(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", map_)
+    args = argparse.Namespace(preprocessing_num_workers=1)
+    token_file = common.tokenize_to_file(text, lambda lines: tokenizer(lines)["input_ids"], tokenizer, args, "a", "r")
+    assert token_file.num_tokens > 0 and len(cache_files) == 1 and cache_files[0] is not None
+    assert Path(cache_files[0]).parent == token_file.tokens_path.parent
+    assert Path(cache_files[0]).name.startswith(f".tmp-{os.getpid()}@{socket.gethostname()}-")
+    assert not list(token_file.tokens_path.parent.glob(".tmp-*"))  # removed once the token file is whole

@@ -109,12 +109,14 @@ def run_engine(engine, data, tmp_path_factory):
             run = {"script": script, "argv": script_argv(data, script, out, nproc, extra), "engine": switch}
             run |= {"kill_at_evaluation": kill, "zero_stage": engine[-1], "name": name, "out": str(out)}
             runs.append(run)
-    if (
-        engine == "fsdp2"
-    ):  # --eval_only: the whole model on each process (FSDP2 prepares a model only with an optimizer)
+    if engine in ("fsdp2", "zero3"):
+        # --eval_only: the whole model on each process (FSDP2 and DeepSpeed prepare a model only
+        # with an optimizer; ZeRO-3 would split it as it loads)
         best = folder / "train_classifier" / "uninterrupted" / "best"
         argv = script_argv(data, "train_classifier", folder / "eval-only", nproc, ["--model_name_or_path", best])
         runs.append({"script": "train_classifier", "argv": argv + ["--eval_only"], "engine": switch, "name": "eval"})
+        runs[-1]["zero_stage"] = engine[-1]
+    if engine == "fsdp2":
         argv = script_argv(data, "pretrain_mlm", folder / "mlm", nproc, [])
         runs.append({"script": "pretrain_mlm", "argv": argv, "engine": switch, "name": "refused"})
     statuses = helpers.launch(runs, folder / "logs", nproc=nproc)
@@ -220,8 +222,10 @@ RESCORE = {
 }
 
 
-def test_fsdp2_evaluates_alone_and_pretrain_mlm_refuses_it_in_one_line(data, tmp_path_factory):
-    _, runs = run_engine("fsdp2", data, tmp_path_factory)
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_eval_only_evaluates_the_whole_model(engine, data, tmp_path_factory):
+    """--eval_only of best/ on two processes reports what the training run reported for it."""
+    _, runs = run_engine(engine, data, tmp_path_factory)
     (evaluation, status), (full, _) = runs["train_classifier", "eval"], runs["train_classifier", "uninterrupted"]
     assert status == 0, helpers.log_of(evaluation)[-3000:]
     metrics = json.loads(
@@ -229,6 +233,10 @@ def test_fsdp2_evaluates_alone_and_pretrain_mlm_refuses_it_in_one_line(data, tmp
     )
     reported = json.loads((Path(full["out"]) / "eval_results.json").read_text())
     assert metrics["loss"] == pytest.approx(reported["loss"], rel=1e-5) and metrics["accuracy"] == reported["accuracy"]
+
+
+def test_pretrain_mlm_refuses_fsdp2_in_one_line(data, tmp_path_factory):
+    _, runs = run_engine("fsdp2", data, tmp_path_factory)
     refused, status = runs["pretrain_mlm", "refused"]
     assert status == 2
     errors = [line for line in helpers.log_of(refused).splitlines() if line.startswith("error: ")]
