@@ -481,9 +481,9 @@ class Run:
         """A run is finished when its last evaluation and export are done, not when its last
         optimizer step is: a run killed between the two (its last step's checkpoint was saved)
         evaluates again when it is re-run, exactly as the uninterrupted run did."""
-        if self.state.stopped_early:
-            return True
         state = self.state
+        if state.stopped_early:
+            return True
         return state.completed_steps >= self.total_steps and state.evaluated_step == state.completed_steps
 
     def epochs(self):
