@@ -4,7 +4,6 @@ checkpoint, SIGTERM / SIGINT, changed settings, and a sweep of the bad input use
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -124,10 +123,9 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_run_ends_the_same(script, 
 
 @pytest.fixture(scope="module")
 def stopped_runs(setups, full_runs, tmp_path_factory):
-    """One job (tests/launch_worker.py): each script SIGKILLed at a random moment after a
-    checkpoint, then run again with the same command; and stopped by SIGTERM (a scheduler,
-    Colab's stop button) or SIGINT (Ctrl-C) after its first checkpoint, then run again without
-    step saves."""
+    """One job (tests/launch_worker.py): each script stopped by SIGTERM (a scheduler, Colab's
+    stop button) or SIGINT (Ctrl-C) after its first checkpoint, then run again without step
+    saves. (SIGKILL at random moments: tests/test_kill_anywhere.py.)"""
     folder = tmp_path_factory.mktemp("stopped")
     runs = []
     for script, sig in (
@@ -135,12 +133,7 @@ def stopped_runs(setups, full_runs, tmp_path_factory):
         ("finetune_gpt2", signal.SIGINT),
         ("pretrain_mlm", signal.SIGTERM),
     ):
-        s, total = setups[script], newest_state(full_runs[script])["completed_steps"]
-        target = random.Random().randint(2, total - 3)  # a random point, printed if the test fails
-        killed, signalled = folder / script / "killed", folder / script / "signalled"
-        argv = s.args(killed, "--checkpointing_steps", 2)
-        runs.append({"script": script, "argv": argv, "name": "killed", "signal_when_saved": [9, target, str(killed)]})
-        runs.append({"script": script, "argv": argv, "name": "rerun", "out": str(killed)})
+        s, signalled = setups[script], folder / script / "signalled"
         argv = s.args(signalled, "--checkpointing_steps", 2)
         runs.append(
             {"script": script, "argv": argv, "name": "signalled", "signal_when_saved": [sig, 1, str(signalled)]}
@@ -158,23 +151,6 @@ def newest_state(out):
 
 def state_of(checkpoint):
     return json.loads((checkpoint / "training_state.json").read_text())["state"]
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_sigkill_at_a_random_moment_then_the_same_command_ends_where_an_uninterrupted_run_ends(
-    script, stopped_runs, full_runs
-):
-    (killed, status), (rerun, rerun_status) = stopped_runs[script, "killed"], stopped_runs[script, "rerun"]
-    target = killed["signal_when_saved"][1]
-    assert status == -signal.SIGKILL, f"not killed after step {target}: {helpers.log_of(killed)[-2000:]}"
-    assert rerun_status == 0 and "Resumed from" in helpers.log_of(rerun), helpers.log_of(rerun)[-2000:]
-    out, full = Path(rerun["out"]), full_runs[script]
-    assert final_weights(out) == final_weights(full), f"killed after step {target}"
-    assert (out / "best" / "model.safetensors").read_bytes() == (full / "best" / "model.safetensors").read_bytes()
-    if script == "finetune_gpt2":
-        assert (out / "samples.txt").read_text() == (full / "samples.txt").read_text()
-    if script == "pretrain_mlm":
-        assert (out / "tokenizer.json").read_bytes() == (full / "tokenizer.json").read_bytes()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
