@@ -4,6 +4,7 @@ and the test command CI runs."""
 
 import argparse
 import importlib
+import json
 import re
 from unittest import mock
 
@@ -25,6 +26,7 @@ OTHER_TOOLS = {
     "torchrun": {"--nproc_per_node"},
     "sbatch": {"--nodes", "--ntasks-per-node", "--gpus-per-node", "--requeue", "--signal"},
     "tensorboard": {"--logdir"},
+    "GLUE's download_glue_data.py": {"--data_dir", "--tasks"},
 }
 
 
@@ -177,3 +179,14 @@ def test_the_pages_name_only_flags_the_code_has():
     for page in PAGES:
         for flag in FLAG.findall(page.read_text()):
             assert flag in known, f"{page.relative_to(helpers.REPO)} names {flag}, which no script or tool has"
+
+
+def test_the_badge_and_the_notebook_name_the_same_repository():
+    """Where the repository is pushed is written in two places, each marked: the README's Colab
+    badge and REPO_URL in the notebook's settings cell. They name the same OWNER/REPO."""
+    badge = re.findall(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/", README)
+    notebook = json.loads((helpers.REPO / "notebooks" / "colab_quickstart.ipynb").read_text())
+    text = "".join("".join(cell["source"]) for cell in notebook["cells"])
+    urls = re.findall(r'REPO_URL = "https://github\.com/([\w.-]+/[\w.-]+)"', text)
+    assert len(badge) == 1 and len(urls) == 1, (badge, urls)
+    assert urls[0].removesuffix(".git") == badge[0]
