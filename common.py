@@ -71,11 +71,21 @@ STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # a ful
 
 
 # ---- The flags every script takes.
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default once: a help text that says its own default ("default:
+    every core") keeps it, rather than getting a second "(default: None)" after it."""
+
+    def _get_help_string(self, action):
+        if "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(docstring, **defaults):
     """The flags every script takes (names as in Hugging Face's examples), with its `defaults`;
     it adds its own."""
     description = docstring.split("\n")[0]
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpWithDefaults)
     a = p.add_argument
     a("--model_name_or_path", help="hub name or local folder of the model to start from")
     a("--dataset_name", help="hub data set, or a folder saved with save_to_disk (when no --train_file)")

@@ -86,6 +86,7 @@ def padding_share(tokenizer_dir, train_file, pad_to_128, batch_size, grouped=Fal
 
 def main():
     p = argparse.ArgumentParser()
+    # Public data beside the clone, not in it; where to get it: docs/speed.md#the-benchmarks-data
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "mrpc"))
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch_size", type=int, default=32)

@@ -43,6 +43,7 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
+# Public data beside the clone, not in it; where to get it: docs/speed.md#the-benchmarks-data
 DATA = REPO.parent / "shared" / "data"
 SOURCES = [
     "shakespeare/input.txt",

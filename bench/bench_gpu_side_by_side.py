@@ -86,6 +86,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     a = p.add_argument
+    # Public data beside the clone, not in it; where to get it: docs/speed.md#the-benchmarks-data
     a("--data", type=Path, default=REPO.parent / "shared" / "data", help="a text file, or the shared data folder")
     a("--model", choices=["124m", "tiny"], default="124m" if on_gpu else "tiny", help="GPT-2 124M, or 2 x 64")
     a("--block_size", type=int, default=1024, help="tokens per sample")

@@ -312,6 +312,7 @@ def check_sharded(work, args, config, label):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # Public data beside the clone, not in it; where to get it: docs/speed.md#the-benchmarks-data
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--only", default="precision,resume,compile,speed,fsdp,deepspeed")
     parser.add_argument("--json", type=Path, help="also write the table here")

@@ -1,6 +1,8 @@
 """The Colab notebook runs from top to bottom: its settings cell is replaced with tiny models and
 data written here, no Drive, no install, no hub; everything else runs as users run it (the three
-scripts as shell commands, then the results cells)."""
+scripts as shell commands, GPT-2 on "your own text" and with --report_to tensorboard, then the
+results cells). The cells that mount, flush or show need Colab and are skipped by the settings
+(USE_DRIVE, INSTALL, SHOW_TENSORBOARD), as users skip them."""
 
 import json
 import os
@@ -44,7 +46,13 @@ CLASSIFIER_ARGS = (
     "--model_name_or_path {tiny_bert} --train_file {toy_files[0]} --validation_file {toy_files[1]} {quick}"
 )
 CLASSIFIER_EXAMPLE = ["w1 good w2", "w3 good"]
-GPT2_ARGS = "--model_name_or_path {gpt2} --train_file {text[0]} --validation_file {text[1]} --block_size 32 {quick}"
+GPT2_ARGS = (
+    "--model_name_or_path {gpt2} --train_file {text[0]} --validation_file {text[1]} --block_size 32 {quick} "
+    "--report_to tensorboard"
+)
+MY_TEXT = {str(text[0])!r}
+MY_PROMPT = "w1 w2"
+MY_TEXT_ARGS = "--model_name_or_path {gpt2} --block_size 32 {quick}"
 MLM_ARGS = (
     "--train_file {text[0]} --validation_file {text[1]} --vocab_size 300 --max_seq_length 32 "
     "--max_position_embeddings 34 --num_hidden_layers 1 --hidden_size 32 --num_attention_heads 2 "
@@ -69,6 +77,8 @@ SHOW_TENSORBOARD = False
     assert json.loads((out / "finetune_gpt2" / "eval_results.json").read_text())["perplexity"] > 0
     assert (out / "finetune_gpt2" / "samples.txt").read_text().startswith("= Toronto Raptors =")
     assert printed.count("the cat sat on the") >= 5  # the fill-mask top 5
+    assert (out / "gpt2_my_text" / "samples.txt").read_text().startswith("w1 w2")  # your own text, your prompt
+    assert list((out / "finetune_gpt2").rglob("events.out.tfevents.*"))  # what the TensorBoard cell shows
     for script in ("train_classifier", "finetune_gpt2", "pretrain_mlm"):
         assert (Path(out) / script / "loss.png").exists()
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
