@@ -41,7 +41,6 @@ from accelerate.utils import (
     DistributedType,
     broadcast_object_list,
     find_executable_batch_size,
-    gather_object,
     is_torch_xla_available,
     set_seed,
 )
@@ -1384,10 +1383,17 @@ def lock_output_dir(accelerator, output_dir):
             f"process ({holder['host']}) wrote in {output_dir}: every machine must use one shared --output_dir "
             "(a network file system mounted at the same path)"
         )
-    problems = [p for p in gather_object([problem]) if p is not None]
+    problems = [p for p in every_process(problem) if p is not None]
     if problems:
         OutputLock.release_held()
         raise UserError(problems[0])
+
+
+def every_process(obj):
+    """Every process's `obj`, in process order, on every process: gather_object for every engine.
+    Accelerate's gather_object refuses XLA (TPUs); its broadcast_object_list takes XLA's own path
+    (xm.mesh_reduce) there and torch.distributed's elsewhere, so each process broadcasts in turn."""
+    return [broadcast_object_list([obj], from_process=i)[0] for i in range(PartialState().num_processes)]
 
 
 def sees_lock(path, holder, wait=30.0):
@@ -1493,7 +1499,7 @@ class Checkpointer:
             saved = meta["fingerprint"]
             check_settings(acc, saved, self.settings, path)
             same_processes = saved["num_processes"] == acc.num_processes
-            problems = [p for p in gather_object([try_to_load(acc, path, same_processes)]) if p]
+            problems = [p for p in every_process(try_to_load(acc, path, same_processes)) if p]
             if problems:  # on any process: all of them try the one before, together
                 acc.print(f"warning: could not load checkpoint {path} ({'; '.join(problems)}); trying an older one")
                 failed.append(path.name)
