@@ -352,6 +352,9 @@ def make_scheduler(accelerator, optimizer, args, train_dataloader):
 def batches_per_process(dataloader, num_processes=1):
     """Batches an epoch gives each process: a dataloader before `prepare` gives them all
     (num_processes splits them); a stream (--streaming) has no length (None)."""
+    # On XLA a prepared dataloader is Accelerate's MpDeviceLoaderWrapper, which has no .dataset:
+    # the DataLoaderShard it wraps (its .dataloader) has.
+    dataloader = getattr(dataloader, "dataloader", dataloader)
     if isinstance(dataloader.dataset, torch.utils.data.IterableDataset):
         return None
     return len(dataloader) // num_processes
