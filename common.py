@@ -193,7 +193,9 @@ def choose_mixed_precision(requested):
         return requested
     if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
         return os.environ["ACCELERATE_MIXED_PRECISION"]
-    if is_torch_xla_available(check_is_tpu=True):  # Accelerate's TPU launcher sets no precision: bf16 is the TPU's own
+    # Accelerate runs on XLA wherever torch_xla is installed (a TPU, or its CPU client in tests);
+    # its TPU launcher sets no precision: bf16 is the TPU's own.
+    if is_torch_xla_available():
         return auto_mixed_precision("xla")
     if torch.cuda.is_available():
         return auto_mixed_precision("cuda", torch.cuda.get_device_capability())
