@@ -41,11 +41,13 @@ from accelerate.utils import (
     DistributedType,
     broadcast_object_list,
     find_executable_batch_size,
+    find_tied_parameters,
     is_torch_xla_available,
     set_seed,
 )
 from accelerate.utils import load as accelerate_load
 from matplotlib.figure import Figure
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -175,6 +177,8 @@ def setup(args, script_name):
         )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, args)
+    if accelerator.distributed_type == DistributedType.XLA:
+        work_around_xla_gaps(accelerator)
     if args.push_to_hub:  # before any data or model is loaded: an upload that cannot happen stops the run now
         problem = broadcast_object_list([hub_problem(args) if accelerator.is_main_process else None])[0]
         if problem:
@@ -184,6 +188,43 @@ def setup(args, script_name):
     if args.report_to != "none":  # the settings, without a secret
         accelerator.init_trackers(script_name, config={k: v for k, v in vars(args).items() if k != "hub_token"})
     return accelerator
+
+
+def work_around_xla_gaps(accelerator):
+    """On XLA (TPUs): three things that assume other devices, made to work."""
+    # transformers' from_pretrained turns on hub kernels (kernels.kernelize) by default; they have
+    # none for XLA, and model.train() then raises "Unsupported device type 'xla'". Its own switch
+    # turns them off for every model this process loads (the demo's pipeline too).
+    os.environ["USE_HUB_KERNELS"] = "0"
+    # Accelerate's save_state and load_state read each prepared dataloader's .dataset
+    # (save_accelerator_state and load_accelerator_state in accelerate/checkpointing.py, 1.16),
+    # which its XLA wrapper, MpDeviceLoaderWrapper, lacks: lend it the wrapped DataLoaderShard's.
+    # (tests/test_xla.py says when Accelerate no longer needs this.)
+    from accelerate.data_loader import MpDeviceLoaderWrapper
+
+    if not hasattr(MpDeviceLoaderWrapper, "dataset"):
+        MpDeviceLoaderWrapper.dataset = property(lambda loader: loader.dataloader.dataset)
+    # load_state reads a checkpoint's weights with safetensors' load_model, which looks for tensors
+    # that share memory in the model's own state_dict: XLA tensors have no memory it can point at
+    # ("Attempted to access the data pointer on an invalid python storage").
+    accelerator.register_load_state_pre_hook(load_models_from_the_cpu)
+
+
+def load_models_from_the_cpu(models, input_dir):
+    """Accelerate's load_state, for the weights (model.safetensors, model_1.safetensors, ...): read
+    into CPU memory, copied into the models wherever they are, as strict as safetensors' load_model:
+    every weight loaded, a tied one under any of its names (Accelerate saves it once on a CPU,
+    under each name on XLA). The models are then taken off the list Accelerate loads itself."""
+    for i, model in enumerate(models):
+        weights = load_file(Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors")
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {name: group for group in find_tied_parameters(model) for name in group}
+        missing = [name for name in missing if not set(tied.get(name, ())) & set(weights)]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"the checkpoint's weights do not fit the model: missing {missing}, unexpected {unexpected}"
+            )
+    models.clear()
 
 
 def choose_mixed_precision(requested):
