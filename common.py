@@ -43,6 +43,7 @@ from accelerate.utils import (
     find_executable_batch_size,
     find_tied_parameters,
     is_torch_xla_available,
+    retie_parameters,
     set_seed,
 )
 from accelerate.utils import load as accelerate_load
@@ -373,13 +374,28 @@ def full_shape(param):
 
 def make_optimizer(model, args, device):
     """AdamW without weight decay on biases and normalization weights (the 1-D tensors); fused on
-    a GPU: one kernel for all parameters instead of one per tensor."""
+    a GPU: one kernel for all parameters instead of one per tensor. On XLA (TPUs) the model is put
+    on the device first, its tied weights tied again (see to_xla)."""
+    if device.type == "xla":
+        to_xla(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if len(full_shape(p)) >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if len(full_shape(p)) < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
+
+
+def to_xla(model, device):
+    """Move `model` to an XLA device, a weight shared by two modules still one parameter (GPT-2's
+    and RoBERTa's output layer is their input embeddings). Moving to XLA makes every module's
+    parameters anew, one module at a time (their tensors cannot change device in place), so a
+    shared one becomes two, and only the first is trained: the model is no longer GPT-2.
+    Accelerate's prepare() ties them again only for devices named "tpu", and torch_xla's are named
+    "xla"; so the model is moved here, with Accelerate's own calls, and prepare() finds it there."""
+    tied = find_tied_parameters(model)
+    model.to(device)
+    retie_parameters(model, tied)
 
 
 def make_scheduler(accelerator, optimizer, args, train_dataloader):
