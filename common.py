@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from transformers.pytorch_utils import id_tensor_storage
 
 # Colab mounts Google Drive here; outputs default to a folder inside it.
 DRIVE_MOUNT, DRIVE_ROOT, DRIVE_FOLDER = "/content/drive", "/content/drive/MyDrive", "lm-training"
@@ -1772,6 +1773,7 @@ def export_model(accelerator, model, tokenizer, path, card=None):
         # A compiled model (--torch_compile) names each weight "_orig_mod.<name>"; from_pretrained
         # wants <name>.
         state_dict = {name.removeprefix("_orig_mod."): weight for name, weight in state_dict.items()}
+        state_dict = to_cpu(state_dict)
         tmp = path.with_name(f".tmp-{path.name}")
         delete_tree(tmp)
         accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp, state_dict=state_dict)
@@ -1780,6 +1782,19 @@ def export_model(accelerator, model, tokenizer, path, card=None):
             card.save(tmp / "README.md")
         swap_in(tmp, path)
     accelerator.wait_for_everyone()
+
+
+def to_cpu(state_dict):
+    """`state_dict` in CPU memory, where safetensors writes from (an XLA tensor has no storage it
+    can point at). A tensor under two names (tied weights) stays one: save_pretrained stores it
+    once."""
+    copies, on_cpu = {}, {}
+    for name, tensor in state_dict.items():
+        storage = id_tensor_storage(tensor)  # (an XLA tensor's id where it has no storage)
+        if storage not in copies:
+            copies[storage] = tensor.cpu()  # (a CPU tensor: itself)
+        on_cpu[name] = copies[storage]
+    return on_cpu
 
 
 def model_card(args, about, state, metrics, config, hardware, loss_curve=False):
