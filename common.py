@@ -541,6 +541,7 @@ class Run:
         for batch in dataloader:
             if self.state.completed_steps >= self.total_steps:
                 break
+            seed_xla_for_batch(self.accelerator, self.args.seed, self.state)
             yield batch
         else:  # no break: the epoch ran to its end
             self.state.epoch, self.state.batch_in_epoch, self.state.stream_position = self.state.epoch + 1, 0, None
@@ -661,6 +662,19 @@ class Run:
             print(f"best/ on the test data: {format_metrics(test_metrics)}")
         if self.args.push_to_hub:
             push_to_hub(self.args, self.best_dir, self.state.best_step)
+
+
+def seed_xla_for_batch(accelerator, seed, state):
+    """On XLA (TPUs): the device's random numbers for the next batch (dropout) drawn from the seed
+    and the batch's place in training. XLA's generator moves on at every graph execution, and
+    saving or loading a checkpoint executes some: the state a checkpoint holds would not give a
+    resumed run the numbers an uninterrupted one draws. (The seed is an input of the step's graph,
+    not a constant in it: no new compilation.)"""
+    if accelerator.distributed_type != DistributedType.XLA:
+        return
+    import torch_xla.core.xla_model as xm
+
+    xm.set_rng_state(hash((seed, state.epoch, state.batch_in_epoch)) % 2**63)
 
 
 class Progress:
