@@ -444,6 +444,11 @@ def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns
                 "raise it to keep them"
             )
     train_data, eval_data = splits.get("training"), splits["validation"]
+    if accelerator.device.type == "xla" and not args.pad_to_max_length:
+        # XLA (TPUs) compiles a graph for each batch shape it meets: one shape for all, without a
+        # flag to know (set in args, so checkpoints record it).
+        accelerator.print("note: on XLA every batch is padded to --max_seq_length (as --pad_to_max_length)")
+        args.pad_to_max_length = True
     if args.pad_to_max_length:  # fixed shapes (what TPUs want), at the cost of computing on padding
         collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max_seq_length)
     else:  # multiples of 8 let tensor cores work on GPUs under mixed precision
