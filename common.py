@@ -783,6 +783,15 @@ def score_best(accelerator, auto_class, best_dir, run_evaluation, test_dataloade
     return {f"test_{k}": v for k, v in run_evaluation(accelerator, model, dataloaders[0]).items()}
 
 
+def pipeline_device(accelerator):
+    """Where a script's pipelines run (its demo, the classifier's predictions): the training
+    device, but the CPU on XLA (TPUs), which compiles a graph for each new shape, and a pipeline
+    meets one at every generated token and every batch of other lengths."""
+    if accelerator.device.type == "xla":
+        return torch.device("cpu")
+    return accelerator.device
+
+
 # ---- main(): one line for bad input.
 def run(train_fn, parse_args, argv=None):
     """train_fn(parse_args(argv)), with a UserError (or a full or unwritable disk) turned into

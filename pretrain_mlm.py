@@ -133,7 +133,7 @@ def train(args):
     test_metrics = common.score_best(accelerator, AutoModelForMaskedLM, run.best_dir, run_evaluation, test_dataloader)
     run.finish(test_metrics)
     if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
-        fill_mask(run.best_dir, args.fill_mask_prompt, accelerator.device)
+        fill_mask(run.best_dir, args.fill_mask_prompt, common.pipeline_device(accelerator))
     return run.state
 
 

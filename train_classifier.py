@@ -89,7 +89,7 @@ def train(args):
     if args.eval_only:  # no training: the model as it is, on the validation data (and the test rows predicted)
         metrics = common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader)
         if test_data is not None and accelerator.is_main_process:  # by the model just evaluated
-            classifier = load_classifier(model, tokenizer, accelerator.device)
+            classifier = load_classifier(model, tokenizer, common.pipeline_device(accelerator))
             write_predictions(args, test_data, classifier)
         return metrics
 
@@ -131,7 +131,7 @@ def train(args):
 
     run.finish()
     if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
-        classifier = load_classifier(str(run.best_dir), None, accelerator.device)
+        classifier = load_classifier(str(run.best_dir), None, common.pipeline_device(accelerator))
         if test_data is not None:  # this script: the test rows predicted, not scored (they have no labels)
             write_predictions(args, test_data, classifier)
         show_predictions(classifier, eval_data, columns)
