@@ -42,17 +42,20 @@ from accelerate.utils import (
     DistributedType,
     broadcast_object_list,
     find_executable_batch_size,
-    gather_object,
+    find_tied_parameters,
     is_torch_xla_available,
+    retie_parameters,
     set_seed,
 )
 from accelerate.utils import load as accelerate_load
 from accelerate.utils.memory import should_reduce_batch_size
 from matplotlib.figure import Figure
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from transformers.pytorch_utils import id_tensor_storage
 
 # Colab mounts Google Drive here; outputs default to a folder inside it.
 DRIVE_MOUNT, DRIVE_ROOT, DRIVE_FOLDER = "/content/drive", "/content/drive/MyDrive", "lm-training"
@@ -197,6 +200,8 @@ def setup(args, script_name):
             # No engine is built without an optimizer, so nothing would gather weights that ZeRO-3
             # splits as they load (zero3_init_flag): the model loads whole on every process.
             unset_hf_deepspeed_config()
+    if accelerator.distributed_type == DistributedType.XLA:
+        work_around_xla_gaps(accelerator)
     if args.push_to_hub:  # before any data or model is loaded: an upload that cannot happen stops the run now
         problem = broadcast_object_list([hub_problem(args) if accelerator.is_main_process else None])[0]
         if problem:
@@ -208,6 +213,43 @@ def setup(args, script_name):
     return accelerator
 
 
+def work_around_xla_gaps(accelerator):
+    """On XLA (TPUs): three things that assume other devices, made to work."""
+    # transformers' from_pretrained turns on hub kernels (kernels.kernelize) by default; they have
+    # none for XLA, and model.train() then raises "Unsupported device type 'xla'". Its own switch
+    # turns them off for every model this process loads (the demo's pipeline too).
+    os.environ["USE_HUB_KERNELS"] = "0"
+    # Accelerate's save_state and load_state read each prepared dataloader's .dataset
+    # (save_accelerator_state and load_accelerator_state in accelerate/checkpointing.py, 1.16),
+    # which its XLA wrapper, MpDeviceLoaderWrapper, lacks: lend it the wrapped DataLoaderShard's.
+    # (tests/test_xla.py says when Accelerate no longer needs this.)
+    from accelerate.data_loader import MpDeviceLoaderWrapper
+
+    if not hasattr(MpDeviceLoaderWrapper, "dataset"):
+        MpDeviceLoaderWrapper.dataset = property(lambda loader: loader.dataloader.dataset)
+    # load_state reads a checkpoint's weights with safetensors' load_model, which looks for tensors
+    # that share memory in the model's own state_dict: XLA tensors have no memory it can point at
+    # ("Attempted to access the data pointer on an invalid python storage").
+    accelerator.register_load_state_pre_hook(load_models_from_the_cpu)
+
+
+def load_models_from_the_cpu(models, input_dir):
+    """Accelerate's load_state, for the weights (model.safetensors, model_1.safetensors, ...): read
+    into CPU memory, copied into the models wherever they are, as strict as safetensors' load_model:
+    every weight loaded, a tied one under any of its names (Accelerate saves it once on a CPU,
+    under each name on XLA). The models are then taken off the list Accelerate loads itself."""
+    for i, model in enumerate(models):
+        weights = load_file(Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors")
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {name: group for group in find_tied_parameters(model) for name in group}
+        missing = [name for name in missing if not set(tied.get(name, ())) & set(weights)]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"the checkpoint's weights do not fit the model: missing {missing}, unexpected {unexpected}"
+            )
+    models.clear()
+
+
 def choose_mixed_precision(requested):
     """--mixed_precision, else what `accelerate launch --mixed_precision` set, else (auto) the
     best for this device."""
@@ -215,7 +257,9 @@ def choose_mixed_precision(requested):
         return requested
     if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
         return os.environ["ACCELERATE_MIXED_PRECISION"]
-    if is_torch_xla_available(check_is_tpu=True):  # Accelerate's TPU launcher sets no precision: bf16 is the TPU's own
+    # Accelerate runs on XLA wherever torch_xla is installed (a TPU, or its CPU client in tests);
+    # its TPU launcher sets no precision: bf16 is the TPU's own.
+    if is_torch_xla_available():
         return auto_mixed_precision("xla")
     if torch.cuda.is_available():
         return auto_mixed_precision("cuda", torch.cuda.get_device_capability())
@@ -352,13 +396,28 @@ def full_shape(param):
 
 def make_optimizer(model, args, device):
     """AdamW without weight decay on biases and normalization weights (the 1-D tensors); fused on
-    a GPU: one kernel for all parameters instead of one per tensor."""
+    a GPU: one kernel for all parameters instead of one per tensor. On XLA (TPUs) the model is put
+    on the device first, its tied weights tied again (see to_xla)."""
+    if device.type == "xla":
+        to_xla(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if len(full_shape(p)) >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if len(full_shape(p)) < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=args.learning_rate, fused=device.type == "cuda")
+
+
+def to_xla(model, device):
+    """Move `model` to an XLA device, a weight shared by two modules still one parameter (GPT-2's
+    and RoBERTa's output layer is their input embeddings). Moving to XLA makes every module's
+    parameters anew, one module at a time (their tensors cannot change device in place), so a
+    shared one becomes two, and only the first is trained: the model is no longer GPT-2.
+    Accelerate's prepare() ties them again only for devices named "tpu", and torch_xla's are named
+    "xla"; so the model is moved here, with Accelerate's own calls, and prepare() finds it there."""
+    tied = find_tied_parameters(model)
+    model.to(device)
+    retie_parameters(model, tied)
 
 
 def make_scheduler(accelerator, optimizer, args, train_dataloader):
@@ -374,6 +433,9 @@ def make_scheduler(accelerator, optimizer, args, train_dataloader):
 def batches_per_process(dataloader, num_processes=1):
     """Batches an epoch gives each process: a dataloader before `prepare` gives them all
     (num_processes splits them); a stream (--streaming) has no length (None)."""
+    # On XLA a prepared dataloader is Accelerate's MpDeviceLoaderWrapper, which has no .dataset:
+    # the DataLoaderShard it wraps (its .dataloader) has.
+    dataloader = getattr(dataloader, "dataloader", dataloader)
     if isinstance(dataloader.dataset, torch.utils.data.IterableDataset):
         return None
     return len(dataloader) // num_processes
@@ -510,6 +572,7 @@ class Run:
         for batch in dataloader:
             if self.state.completed_steps >= self.total_steps:
                 break
+            seed_xla_for_batch(self.accelerator, self.args.seed, self.state)
             yield batch
         else:  # no break: the epoch ran to its end
             self.state.epoch, self.state.batch_in_epoch, self.state.stream_position = self.state.epoch + 1, 0, None
@@ -633,6 +696,19 @@ class Run:
             push_to_hub(self.args, self.best_dir, self.state.best_step)
 
 
+def seed_xla_for_batch(accelerator, seed, state):
+    """On XLA (TPUs): the device's random numbers for the next batch (dropout) drawn from the seed
+    and the batch's place in training. XLA's generator moves on at every graph execution, and
+    saving or loading a checkpoint executes some: the state a checkpoint holds would not give a
+    resumed run the numbers an uninterrupted one draws. (The seed is an input of the step's graph,
+    not a constant in it: no new compilation.)"""
+    if accelerator.distributed_type != DistributedType.XLA:
+        return
+    import torch_xla.core.xla_model as xm
+
+    xm.set_rng_state(hash((seed, state.epoch, state.batch_in_epoch)) % 2**63)
+
+
 class Progress:
     """What a run shows while it trains: the progress bar, and every --logging_steps steps the
     training loss, learning rate, tokens/s and MFU, logged into the training state (saved with
@@ -748,6 +824,15 @@ def score_best(accelerator, auto_class, best_dir, run_evaluation, test_dataloade
     unset_hf_deepspeed_config()  # training is over: ZeRO-3 must not split the model it loads
     model, dataloaders = prepare_for_evaluation(accelerator, from_pretrained(auto_class, best_dir), [test_dataloader])
     return {f"test_{k}": v for k, v in run_evaluation(accelerator, model, dataloaders[0]).items()}
+
+
+def pipeline_device(accelerator):
+    """Where a script's pipelines run (its demo, the classifier's predictions): the training
+    device, but the CPU on XLA (TPUs), which compiles a graph for each new shape, and a pipeline
+    meets one at every generated token and every batch of other lengths."""
+    if accelerator.device.type == "xla":
+        return torch.device("cpu")
+    return accelerator.device
 
 
 # ---- main(): one line for bad input.
@@ -1491,7 +1576,7 @@ def lock_output_dir(accelerator, output_dir):
             f"process ({holder['host']}) wrote in {output_dir}: every machine must use one shared --output_dir "
             "(a network file system mounted at the same path)"
         )
-    problems = [p for p in gather_object([problem]) if p is not None]
+    problems = [p for p in every_process(problem) if p is not None]
     if problems:
         OutputLock.release_held()
         raise UserError(problems[0])
@@ -1529,6 +1614,13 @@ def main_process_first(accelerator, local=False):
     accelerator.wait_for_everyone()  # each one's part is done: a short wait
     if first:
         done.unlink(missing_ok=True)
+
+
+def every_process(obj):
+    """Every process's `obj`, in process order, on every process: gather_object for every engine.
+    Accelerate's gather_object refuses XLA (TPUs); its broadcast_object_list takes XLA's own path
+    (xm.mesh_reduce) there and torch.distributed's elsewhere, so each process broadcasts in turn."""
+    return [broadcast_object_list([obj], from_process=i)[0] for i in range(PartialState().num_processes)]
 
 
 def sees_lock(path, holder, wait=30.0):
@@ -1634,7 +1726,7 @@ class Checkpointer:
             saved = meta["fingerprint"]
             check_settings(acc, saved, self.settings, path)
             same_processes = saved["num_processes"] == acc.num_processes
-            problems = [p for p in gather_object([try_to_load(acc, path, same_processes)]) if p]
+            problems = [p for p in every_process(try_to_load(acc, path, same_processes)) if p]
             if problems:  # on any process: all of them try the one before, together
                 acc.print(f"warning: could not load checkpoint {path} ({'; '.join(problems)}); trying an older one")
                 failed.append(path.name)
@@ -1865,6 +1957,7 @@ def export_model(accelerator, model, tokenizer, path, card=None):
         # A compiled model (--torch_compile) names each weight "_orig_mod.<name>"; from_pretrained
         # wants <name>.
         state_dict = {name.removeprefix("_orig_mod."): weight for name, weight in state_dict.items()}
+        state_dict = to_cpu(state_dict)
         tmp = path.with_name(f".tmp-{path.name}")
         delete_tree(tmp)
         accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp, state_dict=state_dict)
@@ -1873,6 +1966,19 @@ def export_model(accelerator, model, tokenizer, path, card=None):
             card.save(tmp / "README.md")
         swap_in(tmp, path)
     accelerator.wait_for_everyone()
+
+
+def to_cpu(state_dict):
+    """`state_dict` in CPU memory, where safetensors writes from (an XLA tensor has no storage it
+    can point at). A tensor under two names (tied weights) stays one: save_pretrained stores it
+    once."""
+    copies, on_cpu = {}, {}
+    for name, tensor in state_dict.items():
+        storage = id_tensor_storage(tensor)  # (an XLA tensor's id where it has no storage)
+        if storage not in copies:
+            copies[storage] = tensor.cpu()  # (a CPU tensor: itself)
+        on_cpu[name] = copies[storage]
+    return on_cpu
 
 
 def model_card(args, about, state, metrics, config, hardware, loss_curve=False):

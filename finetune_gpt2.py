@@ -99,7 +99,7 @@ def train(args):
     test_metrics = common.score_best(accelerator, AutoModelForCausalLM, run.best_dir, run_evaluation, test_dataloader)
     run.finish(test_metrics)
     if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
-        generate_sample(args, run.best_dir, run.output_dir / "samples.txt", accelerator.device)
+        generate_sample(args, run.best_dir, run.output_dir / "samples.txt", common.pipeline_device(accelerator))
         if args.archive:
             archive(run.best_dir, run.output_dir)
     return run.state

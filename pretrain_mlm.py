@@ -133,7 +133,7 @@ def train(args):
     test_metrics = common.score_best(accelerator, AutoModelForMaskedLM, run.best_dir, run_evaluation, test_dataloader)
     run.finish(test_metrics)
     if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
-        fill_mask(run.best_dir, args.fill_mask_prompt, accelerator.device)
+        fill_mask(run.best_dir, args.fill_mask_prompt, common.pipeline_device(accelerator))
     return run.state
 
 
@@ -300,10 +300,22 @@ def mask_tokens(masker, batch, device):
     predicted), moved to the device. It runs in the loop, on the CPU batch, drawing from the
     global random state that checkpoints save and restore, so a resumed run masks exactly as an
     uninterrupted one (inside the DataLoader it would draw ahead of training: Accelerate
-    prefetches a batch)."""
-    input_ids, labels = masker.torch_mask_tokens(
-        batch["input_ids"].clone(), special_tokens_mask=batch["special_tokens_mask"]
-    )
+    prefetches a batch). On XLA (TPUs) Accelerate's loader has put the batch on the device
+    already: the masks are drawn there, from the device's generator (common.seed_xla_for_batch).
+    The draws are the masker's own (torch_mask_tokens: the same numbers on a CPU), but each choice
+    is made with torch.where, never by indexing with a mask: a tensor whose size depends on how
+    many tokens were drawn would make XLA stop the step to count them and compile a graph for
+    each count."""
+    ids, maskable = batch["input_ids"], ~batch["special_tokens_mask"].bool()
+    with torch.device(ids.device):  # new tensors where the batch is
+        masked = torch.bernoulli(torch.full(ids.shape, masker.mlm_probability) * maskable).bool()
+        labels = torch.where(masked, ids, -100)  # only the masked tokens are predicted
+        to_mask = torch.bernoulli(torch.full(ids.shape, masker.mask_replace_prob)).bool() & masked
+        input_ids = torch.where(to_mask, masker.tokenizer.mask_token_id, ids)
+        if masker.mask_replace_prob < 1 and masker.random_replace_prob > 0:  # of the rest, some random
+            rest = masker.random_replace_prob / (1 - masker.mask_replace_prob)
+            to_random = torch.bernoulli(torch.full(ids.shape, rest)).bool() & masked & ~to_mask
+            input_ids = torch.where(to_random, torch.randint(len(masker.tokenizer), ids.shape), input_ids)
     inputs = {"input_ids": input_ids, "attention_mask": batch["attention_mask"], "labels": labels}
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 

@@ -89,7 +89,7 @@ def train(args):
     if args.eval_only:  # no training: the model as it is, on the validation data (and the test rows predicted)
         metrics = common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader)
         if test_data is not None and accelerator.is_main_process:  # by the model just evaluated
-            classifier = load_classifier(model, tokenizer, accelerator.device)
+            classifier = load_classifier(model, tokenizer, common.pipeline_device(accelerator))
             write_predictions(args, test_data, classifier)
         return metrics
 
@@ -131,7 +131,7 @@ def train(args):
 
     run.finish()
     if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
-        classifier = load_classifier(str(run.best_dir), None, accelerator.device)
+        classifier = load_classifier(str(run.best_dir), None, common.pipeline_device(accelerator))
         if test_data is not None:  # this script: the test rows predicted, not scored (they have no labels)
             write_predictions(args, test_data, classifier)
         show_predictions(classifier, eval_data, columns)
@@ -444,6 +444,11 @@ def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns
                 "raise it to keep them"
             )
     train_data, eval_data = splits.get("training"), splits["validation"]
+    if accelerator.device.type == "xla" and not args.pad_to_max_length:
+        # XLA (TPUs) compiles a graph for each batch shape it meets: one shape for all, without a
+        # flag to know (set in args, so checkpoints record it).
+        accelerator.print("note: on XLA every batch is padded to --max_seq_length (as --pad_to_max_length)")
+        args.pad_to_max_length = True
     if args.pad_to_max_length:  # fixed shapes (what TPUs want), at the cost of computing on padding
         collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=max_seq_length)
     else:  # multiples of 8 let tensor cores work on GPUs under mixed precision

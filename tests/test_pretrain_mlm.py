@@ -191,6 +191,29 @@ def test_evaluation_masks_the_same_way_every_time(trained, text_files):
     assert losses[0] == pytest.approx(hand_masked_lm_loss(trained / "best", text_files[1]), rel=1e-5)
 
 
+def test_training_masks_draw_what_the_collator_draws(trained):
+    """mask_tokens chooses with torch.where (fixed shapes, for XLA: tests/test_xla.py) where
+    DataCollatorForLanguageModeling indexes with masks: from the same random state, the same inputs
+    and labels, special tokens never masked."""
+    from transformers import DataCollatorForLanguageModeling
+
+    tokenizer = AutoTokenizer.from_pretrained(trained / "best")
+    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.3)
+    ids = torch.randint(len(tokenizer.all_special_ids), len(tokenizer), (32, 24))
+    special = torch.zeros_like(ids)
+    special[:, [0, -1]] = 1
+    batch = {"input_ids": ids, "special_tokens_mask": special, "attention_mask": torch.ones_like(ids)}
+    torch.manual_seed(0)
+    ours = pretrain_mlm.mask_tokens(masker, batch, torch.device("cpu"))
+    torch.manual_seed(0)
+    input_ids, labels = masker.torch_mask_tokens(ids.clone(), special_tokens_mask=special)
+    assert torch.equal(ours["input_ids"], input_ids) and torch.equal(ours["labels"], labels)
+    masked = labels != -100
+    assert masked.sum() > 100 and not masked[:, [0, -1]].any()
+    assert (input_ids[masked] == tokenizer.mask_token_id).float().mean() > 0.6  # 80% <mask>, the rest random or kept
+    assert torch.equal(ids, batch["input_ids"])  # the batch itself untouched
+
+
 def test_line_by_line(text_files, tmp_path, capsys):
     state = pretrain_mlm.main(argv(*text_files, tmp_path / "lines", "--line_by_line", "--max_train_steps", 6))
     assert state.completed_steps == 6
