@@ -165,6 +165,11 @@ def setup(args, script_name):
     # Accelerate keeps process-wide state that the first Accelerator fixes: a second run in one
     # Python process (a notebook calling main() twice) would keep the first run's precision and
     # compilation. Clear it, not the processes.
+    if is_torch_xla_available() and not is_torch_xla_available(check_is_tpu=True) and "LOCAL_RANK" not in os.environ:
+        # XLA without a TPU (torch_xla's CPU or GPU client), one process that no launcher started:
+        # Accelerate reads the process's local index from LOCAL_RANK there (-1 when unset), and
+        # then no process is the first of its machine: nothing would be printed.
+        os.environ["LOCAL_RANK"] = "0"
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(

@@ -25,9 +25,9 @@ from safetensors.torch import load_file  # noqa: E402
 from test_finetune_gpt2 import make_tiny_gpt2, repetitive_lines  # noqa: E402
 
 STEPS = 6  # optimizer steps of a run; a second run of twice as many compiles the same graphs
-# Accelerate takes a process's local index from LOCAL_RANK on XLA devices other than TPUs (-1 when
-# unset, and then accelerator.print prints nothing); on a TPU it asks torch_xla.
-XLA_ENV = {"PJRT_DEVICE": "CPU", "LOCAL_RANK": "0"}
+# As a user runs it: `PJRT_DEVICE=CPU python script.py` (no launcher, no LOCAL_RANK: common.setup
+# gives the one process its local index, or it would print nothing).
+XLA_ENV = {"PJRT_DEVICE": "CPU"}
 
 # Runs the script with common.Checkpointer.save patched to SIGKILL the process once its first save
 # is whole: a kill at a known step (3), with nothing cleaned up.
