@@ -33,14 +33,14 @@ SCRIPTS = ("train_classifier", "finetune_gpt2", "pretrain_mlm")
 STEPS = ["--num_train_epochs", 2, "--checkpointing_steps", 3, "--save_every_minutes", 0, "--logging_steps", 2]
 
 
-def job(script, folder):
+def job(script, folder, eval_rows=400):
     """The command line (without --output_dir) of a small run of `script`, with its tiny model and
-    data written into `folder`."""
+    data written into `folder`; `eval_rows` validation rows or lines (the suite takes fewer)."""
     folder.mkdir(parents=True, exist_ok=True)
     if script == "train_classifier":
         model = helpers.make_tiny_bert(folder / "bert")
         train = helpers.write_csv(folder / "train.csv", helpers.toy_rows(96, seed=1))
-        dev = helpers.write_csv(folder / "dev.csv", helpers.toy_rows(400, seed=2))
+        dev = helpers.write_csv(folder / "dev.csv", helpers.toy_rows(eval_rows, seed=2))
         test = helpers.write_csv(folder / "test.csv", [{"text": r["text"]} for r in helpers.toy_rows(40, seed=3)])
         data = ["--model_name_or_path", model, "--train_file", train, "--validation_file", dev, "--test_file", test]
         sizes = ["--per_device_train_batch_size", 16, "--per_device_eval_batch_size", 4, "--learning_rate", "3e-3"]
@@ -48,7 +48,7 @@ def job(script, folder):
     from test_finetune_gpt2 import make_tiny_gpt2, repetitive_lines
 
     (folder / "train.txt").write_text("\n".join(repetitive_lines(120, seed=1)) + "\n")
-    (folder / "valid.txt").write_text("\n".join(repetitive_lines(400, seed=2)) + "\n")
+    (folder / "valid.txt").write_text("\n".join(repetitive_lines(eval_rows, seed=2)) + "\n")
     data = ["--train_file", folder / "train.txt", "--validation_file", folder / "valid.txt"]
     sizes = ["--per_device_train_batch_size", 8, "--per_device_eval_batch_size", 2, "--learning_rate", "2e-3"]
     if script == "finetune_gpt2":
@@ -113,11 +113,11 @@ def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def check(script, folder, kills, seed):
+def check(script, folder, kills, seed, eval_rows=400):
     """An uninterrupted run of `script`, then the same command killed `kills` times at random
     moments and run once more to its end; a report saying whether both ended alike."""
     folder = Path(folder)
-    argv = job(script, folder / "data")
+    argv = job(script, folder / "data", eval_rows)
     whole = folder / "whole"
     code, seconds, importing = run(script, [*argv, "--output_dir", whole], folder / "whole.log")
     assert code == 0, Path(folder / "whole.log").read_text()[-3000:]

@@ -289,14 +289,14 @@ def test_auto_find_batch_size_on_two_processes_agrees_on_one_size(tiny_bert, toy
 
 def test_processes_wait_for_long_tokenizing_outside_collectives(tmp_path):
     """The first process tokenizes for longer than a collective may wait (NCCL: 10 minutes, here
-    made 4 seconds): the other one waits for its token file without timing out."""
+    made 3 seconds): the other one waits for its token file without timing out."""
     import test_finetune_gpt2 as gpt2_tests
 
     text = tmp_path / "train.txt"
     text.write_text("\n".join(gpt2_tests.repetitive_lines(200, seed=1)) + "\n")
     gpt2 = gpt2_tests.make_tiny_gpt2(tmp_path / "gpt2", text.read_text().splitlines())
     args = gpt2_tests.argv(gpt2, text, None, tmp_path / "out", "--max_train_steps", 2, "--max_new_tokens", 0)
-    run = torchrun_with_faults("finetune_gpt2.py", args, SLOW_RANK=0, SLOW_SECONDS=8, COLLECTIVE_TIMEOUT=4)
+    run = torchrun_with_faults("finetune_gpt2.py", args, SLOW_RANK=0, SLOW_SECONDS=6, COLLECTIVE_TIMEOUT=3)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["step"] == 2
     assert not list((tmp_path / "out").glob(".done-*"))  # the waits leave nothing behind
