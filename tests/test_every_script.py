@@ -125,7 +125,7 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_run_ends_the_same(script, 
 def stopped_runs(setups, full_runs, tmp_path_factory):
     """One job (tests/launch_worker.py): each script stopped by SIGTERM (a scheduler, Colab's
     stop button) or SIGINT (Ctrl-C) after its first checkpoint, then run again without step
-    saves. (SIGKILL at random moments: tests/test_kill_anywhere.py.)"""
+    saves. (SIGKILL at random moments: tests/kill_anywhere.py.)"""
     folder = tmp_path_factory.mktemp("stopped")
     runs = []
     for script, sig in (

@@ -1,13 +1,11 @@
 """Kill a run anywhere, run the same command again, and it ends where the uninterrupted run ends:
-the same best/ weights, the same metrics, the same final step. First the moment that used to
-break it (a kill during the last evaluation, after the last step's checkpoint), made on purpose;
-then kills at random moments of every script (tests/kill_anywhere.py, seeded: a failure names
-the seed that replays it)."""
+the same best/ weights, the same metrics, the same final step. Here the moment that used to break
+it (a kill during the last evaluation, after the last step's checkpoint), made on purpose. Kills
+at random moments of every script, many of them, are tests/kill_anywhere.py's (seeded: a failure
+names the seed that replays it): CI runs it after the suite, whose ten minutes it would not fit."""
 
 import json
-import os
 
-import kill_anywhere
 import pytest
 from test_train_classifier import argv, newest_state
 
@@ -54,12 +52,3 @@ def test_a_kill_during_the_last_evaluation_is_evaluated_on_the_next_run(
     # Finished now: a third run trains and evaluates nothing more.
     state = train_classifier.main(argv(tiny_bert, *toy_files, killed, *extra))
     assert state.completed_steps == 10 * epochs
-
-
-@pytest.mark.parametrize("script", kill_anywhere.SCRIPTS)
-def test_random_kills_end_at_the_uninterrupted_model(script, tmp_path):
-    """Two SIGKILLs at random moments of each script (the many-kill version: `python
-    tests/kill_anywhere.py --kills 30`), each followed by the same command."""
-    seed = int(os.environ.get("KILL_SEED", "0"))  # another seed draws other moments
-    report = kill_anywhere.check(script, tmp_path, kills=2, seed=seed, eval_rows=100)  # (a quicker run)
-    assert report["same"], report
