@@ -115,28 +115,37 @@ def sha256(path):
 
 def check(script, folder, kills, seed, eval_rows=400):
     """An uninterrupted run of `script`, then the same command killed `kills` times at random
-    moments and run once more to its end; a report saying whether both ended alike."""
+    moments, each kill followed by the same command again. A run that ends before its kill is
+    compared with the uninterrupted one, and the next kills start a new run in a new folder (so
+    they fall in runs with work left, not in re-runs of a finished one); after the last kill the
+    run goes on to its end and is compared too. A report says whether every one ended alike."""
     folder = Path(folder)
     argv = job(script, folder / "data", eval_rows)
     whole = folder / "whole"
     code, seconds, importing = run(script, [*argv, "--output_dir", whole], folder / "whole.log")
     assert code == 0, Path(folder / "whole.log").read_text()[-3000:]
+    expected, endings = outcome(whole), []
     rng = random.Random(f"{seed}-{script}")
-    out, moments = folder / "killed", []
-    for i in range(kills):
+    out, moments = folder / "killed-0", []
+    for i in range(kills + 1):
         log = folder / f"kill{i}.log"
         # Most of a small run is Python importing its libraries, where a kill changes nothing:
-        # one kill in ten falls there, the others after it.
+        # one kill in ten falls there, the others after it. (After the last kill: to the end.)
         moment = rng.uniform(0, importing) if rng.random() < 0.1 else rng.uniform(importing, seconds)
-        code, _, _ = run(script, [*argv, "--output_dir", out], log, kill_after=moment)
+        code, _, _ = run(script, [*argv, "--output_dir", out], log, kill_after=moment if i < kills else None)
         if code not in ("killed", 0):
             raise AssertionError(f"{script}, seed {seed}: run {i} failed ({code}):\n{log.read_text()[-3000:]}")
-        moments.append(last_line(log) if code == "killed" else "(ended before the kill)")
-    code, _, _ = run(script, [*argv, "--output_dir", out], folder / "last.log")
-    assert code == 0, f"{script}, seed {seed}: the last run failed:\n{(folder / 'last.log').read_text()[-3000:]}"
-    expected, got = outcome(whole), outcome(out)
+        if code == "killed":
+            moments.append(last_line(log))
+            continue
+        endings.append(outcome(out))  # this run ended: compared, and the next kills hit a new one
+        out = folder / f"killed-{len(endings)}"
+        if i < kills:
+            moments.append("(ended before the kill)")
     report = {"script": script, "seed": seed, "kills": kills, "seconds": round(seconds, 1), "moments": moments}
-    return report | {"same": expected == got, "uninterrupted": expected, "killed": got}
+    differ = [ending for ending in endings if ending != expected]
+    report |= {"runs": len(endings), "same": not differ, "uninterrupted": expected}
+    return report | {"differ": differ}
 
 
 def main():
