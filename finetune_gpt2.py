@@ -17,19 +17,28 @@ from pathlib import Path
 
 import torch.nn.functional as F
 from accelerate import PartialState  # print() on the main process only, from anywhere
-from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator, pipeline, set_seed
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    default_data_collator,
+    get_scheduler,
+    pipeline,
+    set_seed,
+)
 
 import common
+from machinery import engines, evaluation, flags, throughput, xla
+from machinery.data_files import from_pretrained
+from machinery.text_samples import language_model_samples, load_texts, token_samples
 
-# Flags that may change on resume, besides common.MAY_CHANGE_ON_RESUME: they only shape the final
-# sample.
+# Flags that may change on resume, besides the shared ones: they only shape the final sample.
 MAY_CHANGE = ["prompt", "max_new_tokens", "top_k", "top_p", "temperature", "archive"]
 ABOUT = {"pipeline_tag": "text-generation", "task": "generating text (causal language modeling)"}  # model card
 
 
 def parse_args(argv=None):
     defaults = {"model_name_or_path": "gpt2", "dataset_name": "wikitext", "dataset_config_name": "wikitext-2-raw-v1"}
-    parser = common.build_parser(__doc__, per_device_train_batch_size=4, per_device_eval_batch_size=8, **defaults)
+    parser = flags.build_parser(__doc__, per_device_train_batch_size=4, per_device_eval_batch_size=8, **defaults)
     a = parser.add_argument
     a("--block_size", type=int, help="tokens per sample (default: the smaller of 1024 and the model's maximum)")
     a("--prompt", default="= Toronto Raptors =", help="text the sample at the end continues")
@@ -48,73 +57,100 @@ def parse_args(argv=None):
 
 
 def train(args):
-    accelerator = common.setup(args, "finetune_gpt2")
+    accelerator = common.setup(args, "finetune_gpt2")  # the device, its precision, the processes
     tokenizer, model, block_size = load_model(args)
     train_data, eval_data, test_data = get_data(args, accelerator, tokenizer, block_size)
     # Every block has block_size tokens: batches are stacked, never padded.
     dataloaders = common.make_dataloaders(args, accelerator, default_data_collator, train_data, eval_data, test_data)
     train_dataloader, eval_dataloader, test_dataloader = dataloaders
     if args.eval_only:  # no training: the model as it is, on the validation (and test) text
-        return common.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, test_dataloader)
+        return evaluation.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, test_dataloader)
 
-    flops = common.flops_per_token(model, block_size)  # counted now: prepare() may split the weights
+    steps = common.count_steps(args, accelerator, train_dataloader)  # optimizer steps: per epoch, in all
     optimizer = common.make_optimizer(model, args, accelerator.device)
-    lr_scheduler = common.make_scheduler(accelerator, optimizer, args, train_dataloader)
-    common.set_fsdp_units(accelerator, model)  # FSDP only: which layers it shards as units
+    lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, steps.total)
+    flops = throughput.flops_per_token(model, block_size)  # counted now: prepare() may split the weights
+    engines.set_fsdp_units(accelerator, model)  # FSDP only: which layers it shards as units
     # One call for all: an engine (DDP, FSDP, DeepSpeed) wraps the model, its optimizer and its
     # schedule together, and each dataloader learns to give each process its share of every batch.
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
-    # A checkpoint of another block size, vocabulary or text is not resumed (common.Checkpointer).
+    # A checkpoint of another block size, vocabulary or text is not resumed: it would not fit.
     train_blocks = None if args.streaming else len(train_data)  # (a stream's length is not known)
     data = {"block_size": block_size, "vocab_size": len(tokenizer), "train_blocks": train_blocks}
-    run = common.Run(
-        accelerator, args, model=model, tokenizer=tokenizer, lr_scheduler=lr_scheduler,
-        train_dataloader=train_dataloader, flops_per_token=flops, settings=data, may_change=MAY_CHANGE,
-        stream=train_data if args.streaming else None, about=ABOUT,
-    )  # fmt: skip
-    run.resume_or_start()  # from the newest checkpoint in --output_dir made with these settings, if any
+    stream = train_data if args.streaming else None  # --streaming: checkpoints save the place in it
+    checkpoints = common.Checkpoints(accelerator, args, data, MAY_CHANGE, stream)
+    best = common.BestModel(accelerator, args, model, tokenizer, "loss", ABOUT)  # best/: the lowest loss
+    state = checkpoints.resume()  # the newest whole checkpoint made with these settings, or step 0
+    progress = common.Progress(accelerator, args, state, steps, flops)  # the plan, the bar, the logs
+    common.catch_stop_signals()  # from here on, SIGTERM and Ctrl-C ask the loop to save, then stop
 
-    for epoch in run.epochs():  # from where a resumed run stands; none if the run had finished
-        model.train()  # dropout on (the evaluation at each epoch's end turns it off)
-        train_dataloader.set_epoch(epoch)  # the epoch's order depends only on the seed and the epoch
-        for batch in run.batches(train_dataloader):  # without those a resumed run already trained on
-            with accelerator.accumulate(model):  # an optimizer step every --gradient_accumulation_steps
-                # this script: labels = inputs (the model shifts them by one position itself)
-                outputs = model(input_ids=batch["input_ids"], labels=batch["input_ids"])  # this script
-                accelerator.backward(outputs.loss)  # scaled for fp16, divided over the accumulated batches
-                if accelerator.sync_gradients and args.max_grad_norm:  # a step's last batch: gradients whole
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                # accumulate() makes the optimizer act on each step's last batch only.
-                # The schedule is ours to keep: once per optimizer step, not when fp16 skipped one.
-                optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    lr_scheduler.step()
-                optimizer.zero_grad()
-            run.count_batch(outputs.loss, batch["input_ids"].numel())  # this script: every token is real
-        run.end_epoch(run_evaluation(accelerator, model, eval_dataloader))  # this script: its metrics
+    while not common.finished(state, steps):  # none if the run had finished
+        model.train()  # dropout on (the evaluation turns it off)
+        train_dataloader.set_epoch(state.epoch)  # the epoch's order depends only on the seed and the epoch
+        batches = common.EpochBatches(
+            accelerator, train_dataloader, state, steps, args.seed
+        )  # this script: as they are
+        train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, batches, state, checkpoints, progress)
+        if batches.ran_out:  # every batch of the epoch was trained on (the last step may come first)
+            state.start_next_epoch()
+        with progress.paused():  # evaluating and saving are not training: left out of tokens/s
+            metrics = run_evaluation(accelerator, model, eval_dataloader)  # this script: its metrics
+            progress.log_evaluation(metrics)
+            best.keep_if_better(state, metrics)  # exports best/ when the metric improves
+            common.stop_early_if_stuck(accelerator, args, state, best.metric)  # --early_stopping_patience
+            state.evaluated_step = state.completed_steps  # saved next: the last step's makes the run finished
+            checkpoints.save(state)
+        common.stop_if_signalled(accelerator, state)  # SIGTERM or Ctrl-C came meanwhile: saved, now stop
 
+    progress.bar.close()
     # --test_file: best/ scored on held-out text (None without it)
-    test_metrics = common.score_best(accelerator, AutoModelForCausalLM, run.best_dir, run_evaluation, test_dataloader)
-    run.finish(test_metrics)
+    test_metrics = evaluation.score_best(accelerator, AutoModelForCausalLM, best.dir, run_evaluation, test_dataloader)
+    common.finish(accelerator, args, state, best, test_metrics)  # log_history.json, loss.png, best/'s card
     if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
-        generate_sample(args, run.best_dir, run.output_dir / "samples.txt", common.pipeline_device(accelerator))
+        generate_sample(args, best.dir, Path(args.output_dir) / "samples.txt", xla.pipeline_device(accelerator))
         if args.archive:
-            archive(run.best_dir, run.output_dir)
-    return run.state
+            archive(best.dir, args.output_dir)
+    return state
+
+
+def train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, batches, state, checkpoints, progress):
+    """The batches of one epoch still to train on; after each optimizer step, the bookkeeping."""
+    for batch in batches:
+        with accelerator.accumulate(model):  # an optimizer step every --gradient_accumulation_steps
+            # this script: labels = inputs (the model shifts them by one position itself)
+            outputs = model(input_ids=batch["input_ids"], labels=batch["input_ids"])  # this script
+            accelerator.backward(outputs.loss)  # scaled for fp16, divided over the accumulated batches
+            if accelerator.sync_gradients and args.max_grad_norm:  # a step's last batch: gradients whole
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            # accumulate() makes the optimizer act on each step's last batch only.
+            # The schedule is ours to keep: once per optimizer step, not when fp16 skipped one.
+            optimizer.step()
+            if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                lr_scheduler.step()
+            optimizer.zero_grad()
+        progress.count_batch(outputs.loss, batch["input_ids"].numel())  # this script: every token is real
+        if not accelerator.sync_gradients:
+            continue  # a micro-batch of an accumulation: no optimizer step yet
+        state.completed_steps += 1
+        progress.log_if_due(lr_scheduler)  # the bar moves; the loss is logged every --logging_steps
+        if checkpoints.due(state):  # every --checkpointing_steps, --save_every_minutes, or on a signal
+            with progress.paused():
+                checkpoints.save(state)
+            common.stop_if_signalled(accelerator, state)  # SIGTERM or Ctrl-C: saved, now stop
 
 
 def load_model(args):
     """The tokenizer, the model, and the block size: --block_size, or the smaller of 1024 and the
     model's maximum."""
-    tokenizer = common.from_pretrained(AutoTokenizer, args.model_name_or_path, "tokenizer")
+    tokenizer = from_pretrained(AutoTokenizer, args.model_name_or_path, "tokenizer")
     if tokenizer.eos_token_id is None:
         raise common.UserError(
             f"the tokenizer of {args.model_name_or_path} has no end-of-text token (eos_token); give it one "
             "(e.g. '<|endoftext|>', as GPT-2's) or use a causal-LM tokenizer that has it"
         )
-    model = common.from_pretrained(AutoModelForCausalLM, args.model_name_or_path)
+    model = from_pretrained(AutoModelForCausalLM, args.model_name_or_path)
     PartialState().print(f"{args.model_name_or_path}: {model.num_parameters():,} parameters")
     most = max_positions(model, tokenizer)
     if args.block_size is None:
@@ -136,12 +172,12 @@ def max_positions(model, tokenizer):
 def get_data(args, accelerator, tokenizer, block_size):
     """The training, validation and (--test_file) test blocks. --eval_only needs no training
     blocks."""
-    texts = common.load_texts(args, accelerator)
+    texts = load_texts(args, accelerator)
 
     def blocks_of(text, split_name):
         return tokenize_and_pack(text, tokenizer, block_size, split_name, args)
 
-    return common.language_model_samples(args, accelerator, texts, blocks_of, f"blocks of {block_size} tokens")
+    return language_model_samples(args, accelerator, texts, blocks_of, f"blocks of {block_size} tokens")
 
 
 def tokenize_and_pack(texts, tokenizer, block_size, split_name, args):
@@ -152,7 +188,7 @@ def tokenize_and_pack(texts, tokenizer, block_size, split_name, args):
     def tokenize(lines):
         return tokenizer(lines)["input_ids"]
 
-    blocks = common.token_samples(texts, tokenize, tokenizer, args, split_name, "causal-lm", block_size)
+    blocks = token_samples(texts, tokenize, tokenizer, args, split_name, "causal-lm", block_size)
     if not args.streaming and len(blocks) == 0:
         found = blocks.token_file.num_tokens
         raise common.UserError(
@@ -171,7 +207,7 @@ def run_evaluation(accelerator, model, eval_dataloader):
         losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
         return {"loss": losses.mean(dim=1)}  # one number per block
 
-    out = common.evaluate(accelerator, model, eval_dataloader, per_example)
+    out = common.eval_loop(accelerator, model, eval_dataloader, per_example)
     # The mean over blocks, not over batches (a small last batch weighs what it holds): every block
     # predicts as many tokens, so it is the mean over tokens too.
     loss = out["loss"].mean().item()
@@ -213,7 +249,7 @@ def archive(model_dir, output_dir):
 
 
 def main(argv=None):
-    return common.run(train, parse_args, argv)
+    return common.run_script(train, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def build_model(train_lines, path, block_size, vocab_size=8000):
 
 
 def as_dataset(lines):
-    """Lines (with their line breaks) as the `text` dataset that common.load_text_data gives."""
+    """Lines (with their line breaks) as the `text` dataset that load_text_data gives."""
     return datasets.Dataset.from_dict({"text": lines})
 
 

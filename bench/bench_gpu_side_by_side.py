@@ -21,7 +21,7 @@ rate (linear decay, no warmup, gradients clipped at 1.0) and number of optimizer
   hardware gives: the reference for the others.
 
 Per row: tokens/s (the median over the logging windows after --warmup_steps, which hold the
-compilation), MFU (one formula for every row: common.flops_per_token, training FLOPs per token as
+compilation), MFU (one formula for every row: flops_per_token, training FLOPs per token as
 nanoGPT counts them, x tokens/s / the GPU's dense bf16/fp16 peak; "n/a" on a CPU or a GPU not in the
 table), peak memory (GPU: what tensors allocated; CPU: the process's peak resident memory; ours'
 evaluation at the end included), the training loss of the last logging window, and the steps it
@@ -68,6 +68,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
+from machinery import throughput  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROWS = {
@@ -360,10 +361,10 @@ def median_rate(args, times):
 
 
 def summary(args, model, tokens_per_second, last_loss, steps):
-    """A row's result. One MFU formula for every row: common.flops_per_token of the model at this
+    """A row's result. One MFU formula for every row: flops_per_token of the model at this
     block size, x tokens/s, / the device's dense peak."""
-    flops = common.flops_per_token(model, args.block_size)
-    peak = common.peak_flops(DEVICE, args.precision)  # None on a CPU or a GPU not in its table
+    flops = throughput.flops_per_token(model, args.block_size)
+    peak = throughput.peak_flops(DEVICE, args.precision)  # None on a CPU or a GPU not in its table
     return {
         "tokens_per_second": tokens_per_second,
         "mfu": tokens_per_second * flops / peak if peak else None,
@@ -412,8 +413,8 @@ def print_table(args, results):
             f"| {row} | {what} | {r['tokens_per_second']:,.0f} | {mfu} | {r['peak_memory_gib']:.2f} GiB | "
             f"{r['last_loss']:.4f} | {ratio(r, results.get('trainer'))} | {ratio(r, results.get('minimal'))} |"
         )
-    if common.peak_flops(DEVICE, args.precision) is None:
-        print("MFU n/a: no dense peak FLOP/s is known for this device (GPUs in common.PEAK_FLOPS only).")
+    if throughput.peak_flops(DEVICE, args.precision) is None:
+        print("MFU n/a: no dense peak FLOP/s is known for this device (GPUs in throughput.PEAK_FLOPS only).")
 
 
 def ratio(result, base):

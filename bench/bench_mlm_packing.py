@@ -37,6 +37,7 @@ from bench_speed import script_rates  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 import pretrain_mlm  # noqa: E402
+from machinery import text_samples  # noqa: E402
 
 TEXTS = {
     "two books": str(DATA / "books" / "*.txt"),
@@ -61,7 +62,7 @@ def line_statistics(train_file, out, batch_size, seq_len):
     """For line by line: padding share over one epoch of shuffled batches, and the share of the
     text's tokens that truncation cuts off."""
     args = pretrain_mlm.parse_args(["--train_file", train_file, "--output_dir", str(out)])
-    train_text, _ = pretrain_mlm.common.load_text_data(args, keep_linebreaks=False)
+    train_text, _ = text_samples.load_text_data(args, keep_linebreaks=False)
     tokenizer = AutoTokenizer.from_pretrained(out)
     lines = [t for t in train_text["text"] if t.strip()]
     lengths = torch.tensor([len(ids) for ids in tokenizer(lines)["input_ids"]])

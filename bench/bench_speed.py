@@ -264,6 +264,7 @@ def bench_mlm(work, way, steps, seed, batch_size, max_seq_length):
     from transformers import DataCollatorForLanguageModeling
 
     import pretrain_mlm
+    from machinery import fixed_masks, text_samples
 
     books = sorted((DATA / "books").glob("*.txt"))
     sizes = ("--num_hidden_layers", 4, "--hidden_size", 256, "--num_attention_heads", 4, "--intermediate_size", 1024)
@@ -293,9 +294,9 @@ def bench_mlm(work, way, steps, seed, batch_size, max_seq_length):
         loader = DataLoader(samples, batch_size=batch_size, shuffle=True, collate_fn=collator)
         result = baseline_loop(model, loader, steps, 5e-4)
         # The same held-out blocks and masks the script evaluated on.
-        train_text, eval_text = pretrain_mlm.common.load_text_data(args, keep_linebreaks=False)
-        eval_data = pretrain_mlm.prepare_data(eval_text, tokenizer, args, "validation")
-        eval_data = pretrain_mlm.FixedMasks(eval_data, tokenizer, args)
+        train_text, eval_text = text_samples.load_text_data(args, keep_linebreaks=False)
+        eval_data = pretrain_mlm.prepare_data(eval_text, "validation", tokenizer, args)
+        eval_data = fixed_masks.FixedMasks(eval_data, tokenizer, args)
         eval_loader = DataLoader(eval_data, batch_size=args.per_device_eval_batch_size)
         accelerator = plain_accelerator()
         eval_loss = pretrain_mlm.run_evaluation(accelerator, model, eval_loader)["loss"]

@@ -36,15 +36,15 @@ def small_gpu(above):
 
 
 def slow_tokenizing(seconds):
-    import common
+    from machinery import token_files
 
-    real_write = common.TokenFile.write
+    real_write = token_files.TokenFile.write
 
     def write(self, *args, **kwargs):
         time.sleep(seconds)
         return real_write(self, *args, **kwargs)
 
-    common.TokenFile.write = write
+    token_files.TokenFile.write = write
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import common
+from machinery import engines, errors, sampling, throughput, token_files
 
 
 def test_flops_per_token_match_nanogpt_for_gpt2_124m():
@@ -17,16 +18,16 @@ def test_flops_per_token_match_nanogpt_for_gpt2_124m():
     # nanoGPT: N = all parameters but the position embeddings (the token embedding is
     # the tied output layer); 6N + 12 * layers * width * sequence length.
     n = total - model.transformer.wpe.weight.numel()
-    assert common.flops_per_token(model, 1024) == 6 * n + 12 * 12 * 768 * 1024
+    assert throughput.flops_per_token(model, 1024) == 6 * n + 12 * 12 * 768 * 1024
 
 
 def test_peak_flops_by_device_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert common.peak_flops(torch.device("cuda"), "bf16") == 989e12
-    assert common.peak_flops(torch.device("cuda"), "no") == 494e12  # TF32
+    assert throughput.peak_flops(torch.device("cuda"), "bf16") == 989e12
+    assert throughput.peak_flops(torch.device("cuda"), "no") == 494e12  # TF32
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    assert common.peak_flops(torch.device("cuda"), "fp16") == 65e12
-    assert common.peak_flops(torch.device("cpu"), "no") is None
+    assert throughput.peak_flops(torch.device("cuda"), "fp16") == 65e12
+    assert throughput.peak_flops(torch.device("cpu"), "no") is None
 
 
 def test_throughput_counts_training_time_only(monkeypatch):
@@ -34,23 +35,23 @@ def test_throughput_counts_training_time_only(monkeypatch):
 
     clock = [100.0]
     monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
-    throughput = common.Throughput(Accelerator(cpu=True))
-    throughput.add(torch.tensor(300))
+    meter = throughput.Throughput(Accelerator(cpu=True))
+    meter.add(torch.tensor(300))
     clock[0] += 2  # 2 s of training
-    throughput.pause()
+    meter.pause()
     clock[0] += 50  # evaluating and saving
-    throughput.resume()
-    throughput.add(torch.tensor(100))
+    meter.resume()
+    meter.add(torch.tensor(100))
     clock[0] += 2  # 2 more s of training
-    assert throughput.report() == {"tokens_per_second": 100.0}  # 400 tokens in 4 s; no MFU on a CPU
-    throughput.add(torch.tensor(50))
+    assert meter.report() == {"tokens_per_second": 100.0}  # 400 tokens in 4 s; no MFU on a CPU
+    meter.add(torch.tensor(50))
     clock[0] += 1  # the next window starts where the report was made
-    assert throughput.report() == {"tokens_per_second": 50.0}
+    assert meter.report() == {"tokens_per_second": 50.0}
 
 
 def test_first_line_of_an_error():
-    assert common.first_line(ValueError("  bad header\n  at line 3\n"), limit=6) == "bad he"
-    assert common.first_line(EOFError()) == "EOFError"  # no message: its type, not an IndexError
+    assert errors.first_line(ValueError("  bad header\n  at line 3\n"), limit=6) == "bad he"
+    assert errors.first_line(EOFError()) == "EOFError"  # no message: its type, not an IndexError
 
 
 @pytest.mark.parametrize(
@@ -104,7 +105,7 @@ def test_zero3_split_weights_keep_their_weight_decay_and_their_flops():
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=300)
     whole, split = GPT2LMHeadModel(config), zero3_partitioned(GPT2LMHeadModel(config))
     assert all(p.numel() == 0 for p in split.parameters())
-    assert common.flops_per_token(split, 64) == common.flops_per_token(whole, 64) > 0
+    assert throughput.flops_per_token(split, 64) == throughput.flops_per_token(whole, 64) > 0
 
     def decayed(model):
         groups = common.make_optimizer(model, args, torch.device("cpu")).param_groups
@@ -130,29 +131,33 @@ def test_fsdp_units_are_the_transformer_layers_not_the_embeddings():
     ):
         plugin = SimpleNamespace(transformer_cls_names_to_wrap=None)
         accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
-        common.set_fsdp_units(accelerator, model)
+        engines.set_fsdp_units(accelerator, model)
         assert plugin.transformer_cls_names_to_wrap == [layer]
     plugin.transformer_cls_names_to_wrap = ["MyBlock"]  # from the accelerate config: kept
-    common.set_fsdp_units(accelerator, model)
+    engines.set_fsdp_units(accelerator, model)
     assert plugin.transformer_cls_names_to_wrap == ["MyBlock"]
 
 
 def test_epoch_sampler_pads_to_whole_global_batches_with_the_epochs_first_samples():
-    sampler = common.EpochSampler(num_samples=10, global_batch=4, seed=3)
+    sampler = sampling.EpochSampler(num_samples=10, global_batch=4, seed=3)
     first = list(sampler)
     assert len(first) == len(sampler) == 12
     assert sorted(first[:10]) == list(range(10)) and first[10:] == first[:2]
     assert list(sampler) == first  # the same epoch, the same order
     sampler.set_epoch(1)
     assert list(sampler) != first
-    assert list(common.EpochSampler(10, 4, seed=3)) == first  # nothing but (seed, epoch): a resumed run's order
-    assert len(common.EpochSampler(3, 8, seed=0)) == 8 and sorted(set(common.EpochSampler(3, 8, seed=0))) == [0, 1, 2]
+    assert list(sampling.EpochSampler(10, 4, seed=3)) == first  # nothing but (seed, epoch): a resumed run's order
+    assert len(sampling.EpochSampler(3, 8, seed=0)) == 8 and sorted(set(sampling.EpochSampler(3, 8, seed=0))) == [
+        0,
+        1,
+        2,
+    ]
 
 
 def test_peak_flops_match_whole_words_of_the_gpu_name(monkeypatch):
     for name, expected in (("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
-        assert common.peak_flops(torch.device("cuda"), "bf16") == expected, name
+        assert throughput.peak_flops(torch.device("cuda"), "bf16") == expected, name
 
 
 @pytest.mark.parametrize("token", [["--hub_token", "hf_SECRET"], ["--hub_token=hf_SECRET"], ["--hub_tok", "hf_SECRET"]])
@@ -165,7 +170,7 @@ def test_the_command_line_never_holds_the_hub_token(token, tmp_path):
         return args.command
 
     argv = ["--train_file", "train.csv", "--output_dir", str(tmp_path), *token]
-    command = common.run(command_of, train_classifier.parse_args, argv)
+    command = common.run_script(command_of, train_classifier.parse_args, argv)
     assert "hf_SECRET" not in command and "$HF_TOKEN" in command
 
 
@@ -190,7 +195,7 @@ def test_token_file_writers_leave_each_other_alone(tmp_path):
         path.write_bytes(b"partial")
     day_ago = time.time() - 25 * 3600
     os.utime(killed_elsewhere, (day_ago, day_ago))
-    token_file = common.TokenFile(tmp_path / name)
+    token_file = token_files.TokenFile(tmp_path / name)
     token_file.write(datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]]}), 300)
     assert token_file.open() and list(token_file.tokens) == [1, 2, 3]
     assert writing_elsewhere.exists() and unnamed_writer.exists()
@@ -219,7 +224,9 @@ def test_tokenizing_maps_into_files_of_its_own(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.Dataset, "map", map_)
     args = argparse.Namespace(preprocessing_num_workers=1)
-    token_file = common.tokenize_to_file(text, lambda lines: tokenizer(lines)["input_ids"], tokenizer, args, "a", "r")
+    token_file = token_files.tokenize_to_file(
+        text, lambda lines: tokenizer(lines)["input_ids"], tokenizer, args, "a", "r"
+    )
     assert token_file.num_tokens > 0 and len(cache_files) == 1 and cache_files[0] is not None
     assert Path(cache_files[0]).parent == token_file.tokens_path.parent
     assert Path(cache_files[0]).name.startswith(f".tmp-{os.getpid()}@{socket.gethostname()}-")

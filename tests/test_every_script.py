@@ -235,27 +235,27 @@ def test_a_kill_while_writing_tokens_and_a_damaged_token_file_are_made_again(
 ):
     import datasets
 
-    import common
+    from machinery import token_files
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))  # no token file yet
     tokens = tmp_path / "cache" / "lm-tokens"
     s = setups[script]
     args = s.args(tmp_path / "run", "--checkpointing_steps", 4, "--keep_last", 100)
-    write = common.TokenFile.write
+    write = token_files.TokenFile.write
 
     def killed_before_the_rename(self, encoded, vocabulary_size):
         def die(*_):
             raise Killed
 
         with monkeypatch.context() as inside:
-            inside.setattr(common.os, "replace", die)
+            inside.setattr(token_files.os, "replace", die)
             write(self, encoded, vocabulary_size)
 
-    monkeypatch.setattr(common.TokenFile, "write", killed_before_the_rename)
+    monkeypatch.setattr(token_files.TokenFile, "write", killed_before_the_rename)
     with pytest.raises(Killed):
         s.module.main(args)
     assert list(tokens.glob(".tmp-*")) and not list(tokens.glob("[!.]*.npy"))  # half-written, never in place
-    monkeypatch.setattr(common.TokenFile, "write", write)
+    monkeypatch.setattr(token_files.TokenFile, "write", write)
     capsys.readouterr()
     s.module.main(args)
     assert "Tokenized the training text" in capsys.readouterr().out  # made again
@@ -396,23 +396,37 @@ def test_bad_input_sweep(script, case, setups, full_runs, tmp_path, capsys):
 
 
 def loop_of(script):
+    """A script's loop: its epochs, in train() (from `while not common.finished`), then
+    train_one_epoch, the batches of one epoch."""
+    import ast
+
     source = (helpers.REPO / f"{script}.py").read_text()
-    start = source.index("    for epoch in run.epochs()")
-    return source[start : source.index("\n\n", source.index("run.end_epoch(", start))].splitlines()
+    start = source.index("    while not common.finished(")
+    epochs = source[start : source.index("\n\n", start)].splitlines()
+    tree = ast.parse(source)
+    epoch = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train_one_epoch")
+    return epochs + source.splitlines()[epoch.lineno - 1 : epoch.end_lineno]
 
 
 def test_the_three_loops_differ_only_where_marked():
     """Every line of the loop is the same in the three scripts, comments included, but the ones
-    marked "this script" (the forward pass, what counts as a token, the evaluation)."""
+    marked "this script" (the forward pass, what counts as a token, the evaluation). Each effect
+    of the loop is a line of its own, in this order: nothing that counts also saves or exits, and
+    no epoch ends out of sight."""
     loops = {script: loop_of(script) for script in SCRIPTS}
     for script, loop in loops.items():
         assert 3 <= sum("this script" in line for line in loop) <= 5, script
     shared = [[line for line in loop if "this script" not in line] for loop in loops.values()]
     assert shared[0] == shared[1] == shared[2]
-    skeleton = ["for epoch in", "set_epoch", "for batch in", "accumulate", "backward", "clip_grad_norm_"]
-    skeleton += ["optimizer.step()", "lr_scheduler.step()", "zero_grad()", "run.count_batch", "run.end_epoch"]
-    text = "\n".join(loops["train_classifier"])
-    assert [text.index(step) for step in skeleton] == sorted(text.index(step) for step in skeleton)
+    skeleton = ["while not common.finished(", "model.train()", "set_epoch", "EpochBatches(", "train_one_epoch("]
+    skeleton += ["state.start_next_epoch()", "run_evaluation(", "best.keep_if_better(", "common.stop_early_if_stuck("]
+    skeleton += ["state.evaluated_step =", "checkpoints.save(", "common.stop_if_signalled("]
+    skeleton += ["for batch in", "accumulate", "backward", "clip_grad_norm_", "optimizer.step()"]
+    skeleton += ["lr_scheduler.step()", "zero_grad()", "progress.count_batch(", "state.completed_steps += 1"]
+    skeleton += ["progress.log_if_due(", "checkpoints.due(", "checkpoints.save(", "common.stop_if_signalled("]
+    text, at = "\n".join(loops["train_classifier"]), 0
+    for step in skeleton:  # each after the one before
+        at = text.index(step, at) + len(step)
 
 
 def test_each_train_function_fits_one_screen():
@@ -420,5 +434,6 @@ def test_each_train_function_fits_one_screen():
 
     for script in SCRIPTS:
         tree = ast.parse((helpers.REPO / f"{script}.py").read_text())
-        train = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train")
-        assert train.end_lineno - train.lineno + 1 <= 60, script
+        for function in ("train", "train_one_epoch"):
+            node = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function)
+            assert node.end_lineno - node.lineno + 1 <= 60, (script, function)

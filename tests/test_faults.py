@@ -16,6 +16,7 @@ from test_train_classifier import argv, checkpoints, digest, final_weights, newe
 
 import common
 import train_classifier
+from machinery import atomic_files, checkpoint_files, errors, output_lock
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +67,16 @@ def test_second_run_on_the_same_output_dir_refuses(tiny_bert, toy_files, tmp_pat
         first.wait()
 
     # Killed with SIGKILL, the first run could not remove its lock; the next run takes it over.
-    assert (out / common.LOCK_FILE).exists()
+    assert (out / output_lock.LOCK_FILE).exists()
     state = train_classifier.main(argv(tiny_bert, *toy_files, out, "--max_train_steps", 30))
     assert "taking over the lock" in capsys.readouterr().err
     assert state.completed_steps == 30
-    assert not (out / common.LOCK_FILE).exists()  # released at the end
+    assert not (out / output_lock.LOCK_FILE).exists()  # released at the end
 
 
 def plant_lock(out, host, pid, age):
     out.mkdir(parents=True, exist_ok=True)
-    path = out / common.LOCK_FILE
+    path = out / output_lock.LOCK_FILE
     path.write_text(json.dumps({"host": host, "pid": pid}))
     os.utime(path, (time.time() - age, time.time() - age))
 
@@ -83,15 +84,15 @@ def plant_lock(out, host, pid, age):
 def test_lock_of_another_machine_counts_while_its_heartbeat_is_fresh(tmp_path, capsys):
     out = tmp_path / "shared-on-drive"
     plant_lock(out, "colab-runtime-1", 123, age=10)
-    with pytest.raises(common.UserError, match="in use by process 123 on colab-runtime-1"):
-        common.OutputLock(out).acquire()
-    plant_lock(out, "colab-runtime-1", 123, age=common.OutputLock.STALE + 5)  # that runtime died
-    lock = common.OutputLock(out)
+    with pytest.raises(errors.UserError, match="in use by process 123 on colab-runtime-1"):
+        output_lock.OutputLock(out).acquire()
+    plant_lock(out, "colab-runtime-1", 123, age=output_lock.OutputLock.STALE + 5)  # that runtime died
+    lock = output_lock.OutputLock(out)
     lock.acquire()
-    assert json.loads((out / common.LOCK_FILE).read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}
+    assert json.loads((out / output_lock.LOCK_FILE).read_text()) == {"host": socket.gethostname(), "pid": os.getpid()}
     lock.release()
-    common.OutputLock.held = None
-    assert not (out / common.LOCK_FILE).exists()
+    output_lock.OutputLock.held = None
+    assert not (out / output_lock.LOCK_FILE).exists()
 
 
 def test_lock_of_a_dead_process_on_this_machine_is_taken_over(tmp_path):
@@ -99,10 +100,10 @@ def test_lock_of_a_dead_process_on_this_machine_is_taken_over(tmp_path):
     dead.wait()
     out = tmp_path / "out"
     plant_lock(out, socket.gethostname(), dead.pid, age=1)
-    lock = common.OutputLock(out)
+    lock = output_lock.OutputLock(out)
     lock.acquire()
     lock.release()
-    common.OutputLock.held = None
+    output_lock.OutputLock.held = None
 
 
 # ---------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def test_full_disk_keeps_the_previous_checkpoint(trained, tiny_bert, toy_files, 
     line = one_error_line(capsys)
     assert "No space left on device" in line and "free some space" in line
     assert digest(out / "checkpoints") == before  # nothing half-written left behind, nothing lost
-    assert not (out / common.LOCK_FILE).exists()
+    assert not (out / output_lock.LOCK_FILE).exists()
 
     monkeypatch.undo()  # space freed: the same command continues from the last complete checkpoint
     state = train_classifier.main(argv(tiny_bert, *toy_files, out, "--num_train_epochs", 5))
@@ -153,7 +154,7 @@ def test_read_only_output_dir(tiny_bert, toy_files, tmp_path, monkeypatch, capsy
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
             return real_open(file, mode, *args, **kwargs)
 
-        monkeypatch.setattr(common, "open", read_only_open, raising=False)  # the open() common.py calls
+        monkeypatch.setattr(output_lock, "open", read_only_open, raising=False)  # the open() the lock calls
     try:
         exits_with_2(train_classifier.main, argv(tiny_bert, *toy_files, out))
     finally:
@@ -186,7 +187,7 @@ def test_resuming_an_older_checkpoint_makes_its_continuation_the_newest(trained,
     older, newer = checkpoints(out)
     assert [
         newest_state(out)["completed_steps"],
-        json.loads((older / common.STATE_FILE).read_text())["state"]["completed_steps"],
+        json.loads((older / checkpoint_files.STATE_FILE).read_text())["state"]["completed_steps"],
     ] == [100, 75]
     # Go back to step 75 and train to step 90 instead.
     args = argv(tiny_bert, *toy_files, out, "--max_train_steps", 90)
@@ -195,7 +196,8 @@ def test_resuming_an_older_checkpoint_makes_its_continuation_the_newest(trained,
     # The step-100 checkpoint of the abandoned branch is older now: the same command
     # finds the step-90 one, not the one with the most steps.
     saved = {
-        p.name: json.loads((p / common.STATE_FILE).read_text())["state"]["completed_steps"] for p in checkpoints(out)
+        p.name: json.loads((p / checkpoint_files.STATE_FILE).read_text())["state"]["completed_steps"]
+        for p in checkpoints(out)
     }
     assert saved == {"step_00000090": 90, newer.name: 100}
     state = train_classifier.main(args)
@@ -238,9 +240,9 @@ class Payload:
 def plant(checkpoint, name, obj):
     with open(checkpoint / name, "wb") as f:
         pickle.dump(obj, f)
-    meta = json.loads((checkpoint / common.STATE_FILE).read_text())
+    meta = json.loads((checkpoint / checkpoint_files.STATE_FILE).read_text())
     meta["files"][name] = (checkpoint / name).stat().st_size  # sizes match: it looks complete
-    common.write_json(checkpoint / common.STATE_FILE, meta)
+    atomic_files.write_json(checkpoint / checkpoint_files.STATE_FILE, meta)
 
 
 @pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl"])
@@ -287,9 +289,9 @@ def test_checkpoint_files_hold_no_pickled_code(trained):
 def test_resume_on_another_number_of_processes_is_refused_clearly(trained, tiny_bert, toy_files, tmp_path, capsys):
     out = copy_of(trained, tmp_path)
     for path in checkpoints(out):  # as if written by a 2-process run
-        meta = json.loads((path / common.STATE_FILE).read_text())
+        meta = json.loads((path / checkpoint_files.STATE_FILE).read_text())
         meta["fingerprint"]["num_processes"] = 2
-        common.write_json(path / common.STATE_FILE, meta)
+        atomic_files.write_json(path / checkpoint_files.STATE_FILE, meta)
     before = digest(out / "checkpoints")
     exits_with_2(train_classifier.main, argv(tiny_bert, *toy_files, out, "--num_train_epochs", 5))
     line = one_error_line(capsys)

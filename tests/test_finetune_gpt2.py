@@ -14,8 +14,8 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, pipeline
 
-import common
 import finetune_gpt2
+from machinery import streaming, token_files
 
 BLOCK = 32
 EPOCHS = 3
@@ -137,7 +137,7 @@ def test_packing_loses_only_the_final_partial_block(tiny_gpt2, tmp_path):
     assert all(len(blocks[i]["input_ids"]) == BLOCK for i in range(len(blocks)))
     assert len(stream) - len(packed) < BLOCK  # only the final partial block is dropped
     assert packed == stream[: len(packed)]
-    each_line = common.TokenSamples(blocks.token_file)  # where each line starts, across the batches too
+    each_line = token_files.TokenSamples(blocks.token_file)  # where each line starts, across the batches too
     assert len(each_line) == len(lines)
     for i in [0, 9_999, 10_000, 19_999, 20_000, len(lines) - 1]:  # either side of each batch's edge
         assert each_line[i]["input_ids"].tolist() == tokenizer(lines[i]["text"])["input_ids"], i
@@ -160,7 +160,7 @@ def test_a_worker_tokenizes_on_one_thread_and_the_setting_is_given_back(tiny_gpt
         return tokenizer(batch)["input_ids"]
 
     args = argparse.Namespace(preprocessing_num_workers=1, streaming=False)
-    common.tokenize_to_file(lines, tokenize, tokenizer, args, "training", recipe="one thread")
+    token_files.tokenize_to_file(lines, tokenize, tokenizer, args, "training", recipe="one thread")
     assert seen and set(seen) == {"false"}
     assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
 
@@ -299,7 +299,6 @@ def test_a_stream_packs_like_a_token_file_and_resumes_at_any_block(tiny_gpt2, tm
     """The blocks of a stream are the token stream's blocks; and from the place after any block
     (mid-line, in a later batch of 1,000 lines, in a line that makes several blocks), a new
     stream goes on with the next block."""
-    import common
 
     lines = repetitive_lines(2_500, seed=4)
     lines[1_500] = " ".join(lines[:40])  # one line of several blocks
@@ -309,7 +308,7 @@ def test_a_stream_packs_like_a_token_file_and_resumes_at_any_block(tiny_gpt2, tm
 
     def stream():
         text = datasets.load_dataset("text", data_files=str(path), split="train", streaming=True, keep_linebreaks=True)
-        return common.StreamedBlocks(text, lambda batch: tokenizer(batch)["input_ids"], BLOCK)
+        return streaming.StreamedBlocks(text, lambda batch: tokenizer(batch)["input_ids"], BLOCK)
 
     first = stream()
     first.start_at(None, keep=10_000)  # the places of every block: any can be resumed from
@@ -329,11 +328,10 @@ def test_a_stream_keeps_the_places_a_large_job_needs(tmp_path):
     10,016 blocks: a checkpoint after two of them needs the place of block 20,032 while the
     DataLoader has read a micro-batch further. A fixed 10,000 places kept lost it, and the
     resumed run started over from the stream's first block."""
-    import common
 
     text = datasets.Dataset.from_dict({"text": ["a b c d"] * 16_000}).to_iterable_dataset()
     micro_batch = 32 * 313
-    stream = common.StreamedBlocks(text, lambda lines: [[1, 2, 3, 4] for _ in lines], block_size=2)
+    stream = streaming.StreamedBlocks(text, lambda lines: [[1, 2, 3, 4] for _ in lines], block_size=2)
     stream.start_at(None, keep=8 * micro_batch)  # what Run keeps for this job
     blocks = iter(stream)
     for _ in range(3 * micro_batch):  # two micro-batches used, the third read ahead

@@ -38,7 +38,7 @@ ENGINES = {
     "zero3": (2, "deepspeed", [], SCRIPTS),
 }
 GLOBAL_BATCH, ACCUMULATION = 16, 2
-# 90 rows, 63 blocks, 72 samples: padded to whole global batches of 16 (common.EpochSampler)
+# 90 rows, 63 blocks, 72 samples: padded to whole global batches of 16 (sampling.EpochSampler)
 STEPS_PER_EPOCH = {"train_classifier": 6, "finetune_gpt2": 4, "pretrain_mlm": 5}
 
 

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, pipeline
 
 import pretrain_mlm
+from machinery import fixed_masks
 
 SUBJECTS = ["the cat", "a dog", "my bird", "the fox", "our fish", "the horse"]
 VERBS = ["sat on", "ran to", "looked at", "jumped over", "slept near"]
@@ -173,14 +174,14 @@ def test_evaluation_masks_the_same_way_every_time(trained, text_files):
     from torch.utils.data import DataLoader
     from transformers import AutoModelForMaskedLM, default_data_collator
 
-    import common
+    from machinery import text_samples
 
     args = pretrain_mlm.parse_args(argv(*text_files, "unused"))
     tokenizer = AutoTokenizer.from_pretrained(trained / "best")
     model = AutoModelForMaskedLM.from_pretrained(trained / "best")
-    _, eval_text = common.load_text_data(args, keep_linebreaks=False)
-    samples = pretrain_mlm.FixedMasks(
-        pretrain_mlm.prepare_data(eval_text, tokenizer, args, "validation"), tokenizer, args
+    _, eval_text = text_samples.load_text_data(args, keep_linebreaks=False)
+    samples = fixed_masks.FixedMasks(
+        pretrain_mlm.prepare_data(eval_text, "validation", tokenizer, args), tokenizer, args
     )
     losses = []
     for seed, batch_size in ((1, 6), (2, 7)):
@@ -234,8 +235,8 @@ def test_packed_and_line_by_line_tokens_are_other_files_of_the_same_text(trained
     tokenizer = AutoTokenizer.from_pretrained(trained / "best")
     texts = datasets.load_dataset("text", data_files=str(text_files[0]), split="train")
     flags = {"streaming": False, "preprocessing_num_workers": 1, "max_seq_length": 6}
-    packed = pretrain_mlm.prepare_data(texts, tokenizer, argparse.Namespace(line_by_line=False, **flags), "training")
-    lines = pretrain_mlm.prepare_data(texts, tokenizer, argparse.Namespace(line_by_line=True, **flags), "training")
+    packed = pretrain_mlm.prepare_data(texts, "training", tokenizer, argparse.Namespace(line_by_line=False, **flags))
+    lines = pretrain_mlm.prepare_data(texts, "training", tokenizer, argparse.Namespace(line_by_line=True, **flags))
     assert packed.token_file.tokens_path != lines.token_file.tokens_path
     assert max(len(lines[i]["input_ids"]) for i in range(len(lines))) == 6  # the lines are longer: cut
 

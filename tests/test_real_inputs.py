@@ -14,8 +14,8 @@ from scipy.stats import pearsonr, spearmanr
 from test_train_classifier import argv, checkpoints
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-import common
 import train_classifier
+from machinery import checkpoint_files
 
 # task -> (text columns found, label column found, label names; None for regression)
 GLUE_FILES = {
@@ -277,7 +277,11 @@ def test_the_readme_lists_what_may_change_on_resume():
     table = next(block for block in section.split("\n\n") if block.startswith("|"))
     cells = [row.split("|")[1] for row in table.splitlines()[2:]]
     may = {flag.strip(" `-") for cell in cells for flag in cell.split(",")}
-    expected = set(common.MAY_CHANGE_ON_RESUME) | {"early_stopping_patience", "do_predict", "fill_mask_prompt"}
+    expected = set(checkpoint_files.MAY_CHANGE_ON_RESUME) | {
+        "early_stopping_patience",
+        "do_predict",
+        "fill_mask_prompt",
+    }
     expected |= {"prompt", "max_new_tokens", "top_k", "top_p", "temperature", "archive"}
     assert may == expected
 

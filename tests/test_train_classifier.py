@@ -6,7 +6,9 @@ import math
 import shutil
 import subprocess
 import time
+from dataclasses import astuple
 from pathlib import Path
+from types import SimpleNamespace
 
 import helpers
 import pytest
@@ -15,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 
 import common
 import train_classifier
+from machinery import checkpoint_files, export
 
 EPOCHS = 4
 BATCH = 16  # 400 rows -> 25 optimizer steps per epoch
@@ -51,7 +54,7 @@ def checkpoints(out):
 
 
 def newest_state(out):
-    return json.loads((checkpoints(out)[-1] / common.STATE_FILE).read_text())["state"]
+    return json.loads((checkpoints(out)[-1] / checkpoint_files.STATE_FILE).read_text())["state"]
 
 
 def final_weights(out):
@@ -203,7 +206,7 @@ def test_damaged_newest_checkpoint_is_skipped(trained, tiny_bert, toy_files, tmp
     train_classifier.main(argv(tiny_bert, *toy_files, out))
     printed = capsys.readouterr().out
     assert f"skipping damaged checkpoint {newest}" in printed
-    steps = json.loads((older / common.STATE_FILE).read_text())["state"]["completed_steps"]
+    steps = json.loads((older / checkpoint_files.STATE_FILE).read_text())["state"]["completed_steps"]
     assert f"Resumed from {older}: epoch {steps // 25}, step {steps}," in printed  # not a fresh start
     assert final_weights(out) == expected
 
@@ -253,9 +256,11 @@ def test_training_steps_arithmetic():
     class A:
         gradient_accumulation_steps, num_train_epochs, max_train_steps = 4, 3, None
 
-    assert common.training_steps(10, A) == (3, 9, 3)  # ceil(10 / 4) = 3 steps per epoch
+    ten_batches = type("Batches", (list,), {"dataset": list(range(80))})(range(10))  # 10 batches
+    one_process = SimpleNamespace(num_processes=1)
+    assert astuple(common.count_steps(A, one_process, ten_batches)) == (3, 9, 3)  # ceil(10 / 4) = 3 steps per epoch
     A.max_train_steps = 7
-    assert common.training_steps(10, A) == (3, 7, 3)
+    assert astuple(common.count_steps(A, one_process, ten_batches)) == (3, 7, 3)
 
 
 def test_two_processes_train_and_evaluate_like_one(tiny_bert, toy_files, tmp_path):
@@ -491,7 +496,7 @@ def fake_hub(monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(common.huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(export.huggingface_hub, "HfApi", FakeHub)
     FakeHub.calls, FakeHub.fail = [], None
     return FakeHub
 
@@ -621,7 +626,7 @@ def test_out_of_memory_in_evaluation_names_the_eval_batch_and_keeps_the_training
     err = capsys.readouterr().err
     assert "out of memory while evaluating: pass a smaller --per_device_eval_batch_size" in err
     assert not (out / "batch_size.json").exists()
-    assert json.loads((checkpoints(out)[-1] / common.STATE_FILE).read_text())["state"]["completed_steps"] == 2
+    assert json.loads((checkpoints(out)[-1] / checkpoint_files.STATE_FILE).read_text())["state"]["completed_steps"] == 2
     monkeypatch.undo()
     state = train_classifier.main(argv(tiny_bert, *toy_files, out, *args, "--per_device_eval_batch_size", 4))
     assert state.evaluated_step == 2 and (out / "best" / "model.safetensors").exists()

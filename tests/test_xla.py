@@ -29,17 +29,17 @@ STEPS = 6  # optimizer steps of a run; a second run of twice as many compiles th
 # gives the one process its local index, or it would print nothing).
 XLA_ENV = {"PJRT_DEVICE": "CPU"}
 
-# Runs the script with common.Checkpointer.save patched to SIGKILL the process once its first save
+# Runs the script with common.Checkpoints.save patched to SIGKILL the process once its first save
 # is whole: a kill at a known step (3), with nothing cleaned up.
 KILL_AFTER_FIRST_SAVE = """
 import os, runpy, signal, sys
 sys.path.insert(0, os.getcwd())
 import common
-save = common.Checkpointer.save
+save = common.Checkpoints.save
 def save_then_die(self, state):
     save(self, state)
     os.kill(os.getpid(), signal.SIGKILL)
-common.Checkpointer.save = save_then_die
+common.Checkpoints.save = save_then_die
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -211,7 +211,7 @@ except AttributeError as err:
 
 
 def test_accelerate_still_needs_the_dataloader_shim():
-    """common.work_around_xla_gaps lends Accelerate's MpDeviceLoaderWrapper a .dataset, which
+    """xla.work_around_xla_gaps lends Accelerate's MpDeviceLoaderWrapper a .dataset, which
     save_state and load_state read (accelerate/checkpointing.py). When Accelerate's own save works
     without it, this fails: delete the shim and this test."""
     proc = subprocess.run(
