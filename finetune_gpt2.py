@@ -89,9 +89,7 @@ def train(args):
     while not common.finished(state, steps):  # none if the run had finished
         model.train()  # dropout on (the evaluation turns it off)
         train_dataloader.set_epoch(state.epoch)  # the epoch's order depends only on the seed and the epoch
-        batches = common.EpochBatches(
-            accelerator, train_dataloader, state, steps, args.seed
-        )  # this script: as they are
+        batches = common.EpochBatches(accelerator, train_dataloader, state, steps, args.seed)  # this script
         train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, batches, state, checkpoints, progress)
         if batches.ran_out:  # every batch of the epoch was trained on (the last step may come first)
             state.start_next_epoch()
@@ -136,7 +134,7 @@ def train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, batches, 
         state.completed_steps += 1
         progress.log_if_due(lr_scheduler)  # the bar moves; the loss is logged every --logging_steps
         if checkpoints.due(state):  # every --checkpointing_steps, --save_every_minutes, or on a signal
-            with progress.paused():
+            with progress.paused():  # saving is not training either
                 checkpoints.save(state)
             common.stop_if_signalled(accelerator, state)  # SIGTERM or Ctrl-C: saved, now stop
 

@@ -144,7 +144,7 @@ def train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, batches, 
         state.completed_steps += 1
         progress.log_if_due(lr_scheduler)  # the bar moves; the loss is logged every --logging_steps
         if checkpoints.due(state):  # every --checkpointing_steps, --save_every_minutes, or on a signal
-            with progress.paused():
+            with progress.paused():  # saving is not training either
                 checkpoints.save(state)
             common.stop_if_signalled(accelerator, state)  # SIGTERM or Ctrl-C: saved, now stop
 
