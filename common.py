@@ -5,7 +5,8 @@ this file follows it in the order it calls. Nothing here knows a script's model 
 
 The machinery behind the promises (the output folder's lock, stop signals, token files, streams,
 the Hub, the engines, the batch finder) lives in machinery/, one job a module; a learner never
-needs to open it. Imports go one way: a script -> common.py -> machinery/."""
+needs to open it. Imports go one way, downward: a script imports common.py and machinery/,
+common.py imports machinery/, and nothing in machinery/ imports common.py or a script."""
 
 import collections
 import contextlib
@@ -200,8 +201,9 @@ class Checkpoints:
     safetensors, optimizer, scheduler, gradient scaler and sampler states, random_states_<process>
     .pkl for each process; under FSDP or DeepSpeed, sub-folders of shards) plus training_state.json:
     the TrainingState, the settings and every file's size. `settings`: what the script's data adds
-    to the flags that must match on resume (`may_change`: its flags that need not); `stream`: the
-    StreamedBlocks of --streaming, whose place is saved too."""
+    to the flags that must match on resume (`may_change`: its flags that need not; the global batch
+    may be split otherwise: another number of processes); `stream`: the StreamedBlocks of
+    --streaming, whose place is saved too. A checkpoint made otherwise is refused in one line."""
 
     def __init__(self, accelerator, args, settings, may_change=(), stream=None):
         self.accelerator, self.args, self.stream = accelerator, args, stream
@@ -213,7 +215,8 @@ class Checkpoints:
 
     def resume(self):
         """The newest whole checkpoint made with these settings (or --resume_from_checkpoint),
-        loaded into the prepared objects: its TrainingState. A fresh one if there is none."""
+        loaded into the prepared objects: its TrainingState. A fresh one if there is none, or with
+        --no_resume, which deletes the checkpoints."""
         acc, args = self.accelerator, self.args
         if acc.is_main_process:
             recover_swaps(Path(args.output_dir))  # best/, if a crash came while it was replaced
@@ -308,13 +311,13 @@ class EpochBatches:
     """This epoch's batches still to train on: without those a resumed run already trained on
     (Accelerate's skip_first_batches), and none after the run's last optimizer step. After the
     loop, `ran_out` says whether the epoch's batches were all given (then the epoch is over; the
-    last step may come before, with --max_train_steps). `prepare(batch)`, if given, makes each
+    last step may come before, with --max_train_steps). `transform(batch)`, if given, makes each
     batch what the model takes, as the loop takes it: in this process, in the order of training
     (the masked LM draws its masks there, from the random state that checkpoints restore)."""
 
-    def __init__(self, accelerator, dataloader, state, steps, seed, prepare=None):
+    def __init__(self, accelerator, dataloader, state, steps, seed, transform=None):
         self.accelerator, self.state, self.steps, self.seed = accelerator, state, steps, seed
-        self.dataloader, self.prepare, self.ran_out = dataloader, prepare, False
+        self.dataloader, self.transform, self.ran_out = dataloader, transform, False
         if state.batch_in_epoch and not is_stream(dataloader):  # (a stream starts at its saved place)
             self.dataloader = accelerator.skip_first_batches(dataloader, state.batch_in_epoch)
 
@@ -323,7 +326,7 @@ class EpochBatches:
             if self.state.completed_steps >= self.steps.total:
                 return  # the run's last step came inside this epoch
             xla.seed_xla_for_batch(self.accelerator, self.seed, self.state)  # TPUs: dropout as if never stopped
-            yield batch if self.prepare is None else self.prepare(batch)
+            yield batch if self.transform is None else self.transform(batch)
         self.ran_out = True
 
 
@@ -356,9 +359,8 @@ class Progress:
             f"{acc.num_processes} process(es)), {acc.device}, mixed precision: {acc.mixed_precision}"
         )
 
-    def count_batch(self, loss, num_tokens):
-        """Count a micro-batch trained on: its loss (kept on the device) and its tokens."""
-        self.state.batch_in_epoch += 1
+    def add_batch(self, loss, num_tokens):
+        """A micro-batch's loss (kept on the device) and tokens, for the next log."""
         self.losses.append(loss.detach())
         self.throughput.add(num_tokens)
 
@@ -424,15 +426,16 @@ class BestModel:
 
     def __init__(self, accelerator, args, model, tokenizer, metric, about):
         self.accelerator, self.args, self.model, self.tokenizer = accelerator, args, model, tokenizer
-        self.metric, self.about = metric, about
+        self.metric_name, self.about = metric, about
         self.dir = Path(args.output_dir) / "best"
 
     def keep_if_better(self, state, metrics):
         """Export the model if `metrics` beat the best so far (best/ and eval_results.json), else
         count one more evaluation without improvement."""
-        value, best = metrics[self.metric], state.best_metric
-        # Lower is better for a loss, higher for any other metric (accuracy, F1, correlations).
-        if best is not None and (value >= best if self.metric == "loss" else value <= best):
+        value, best = metrics[self.metric_name], state.best_metric
+        # Lower is better for a loss, higher for any other metric (accuracy, F1, correlations); a
+        # value that is no number (a diverged run's loss) is never better.
+        if best is not None and not (value < best if self.metric_name == "loss" else value > best):
             state.evals_without_improvement += 1
             return
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.completed_steps, 0

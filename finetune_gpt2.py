@@ -2,7 +2,7 @@
 
     python finetune_gpt2.py                                  # gpt2 on WikiText-2 raw
     python finetune_gpt2.py --train_file my_text.txt --block_size 512
-    python finetune_gpt2.py --model_name_or_path outputs/finetune_gpt2/best ...   # go on from it
+    python finetune_gpt2.py --model_name_or_path outputs/finetune_gpt2/best --output_dir out/more
     accelerate launch finetune_gpt2.py ...                   # any number of GPUs or TPU cores
 
 The text is tokenized once and packed into blocks of --block_size tokens: no padding, every
@@ -29,6 +29,7 @@ from transformers import (
 import common
 from machinery import engines, evaluation, flags, throughput, xla
 from machinery.data_files import from_pretrained
+from machinery.errors import UserError
 from machinery.text_samples import language_model_samples, load_texts, token_samples
 
 # Flags that may change on resume, besides the shared ones: they only shape the final sample.
@@ -50,9 +51,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     # Checked before training: a bad sampling flag must not surface only after hours of it.
     if args.max_new_tokens < 0 or args.top_k < 0 or args.temperature < 0:
-        raise common.UserError("--max_new_tokens, --top_k and --temperature cannot be negative")
+        raise UserError("--max_new_tokens, --top_k and --temperature cannot be negative")
     if not 0 < args.top_p <= 1:
-        raise common.UserError(f"--top_p must be more than 0 and at most 1 (got {args.top_p})")
+        raise UserError(f"--top_p must be more than 0 and at most 1 (got {args.top_p})")
     return args
 
 
@@ -63,7 +64,7 @@ def train(args):
     # Every block has block_size tokens: batches are stacked, never padded.
     dataloaders = common.make_dataloaders(args, accelerator, default_data_collator, train_data, eval_data, test_data)
     train_dataloader, eval_dataloader, test_dataloader = dataloaders
-    if args.eval_only:  # no training: the model as it is, on the validation (and test) text
+    if args.eval_only:  # no training: the model as it is, prepared there, on the validation (and test) text
         return evaluation.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, test_dataloader)
 
     steps = common.count_steps(args, accelerator, train_dataloader)  # optimizer steps: per epoch, in all
@@ -76,34 +77,34 @@ def train(args):
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
-    # A checkpoint of another block size, vocabulary or text is not resumed: it would not fit.
+    # Resuming a checkpoint of other flags, block size, vocabulary or number of blocks is refused.
     train_blocks = None if args.streaming else len(train_data)  # (a stream's length is not known)
     data = {"block_size": block_size, "vocab_size": len(tokenizer), "train_blocks": train_blocks}
     stream = train_data if args.streaming else None  # --streaming: checkpoints save the place in it
     checkpoints = common.Checkpoints(accelerator, args, data, MAY_CHANGE, stream)
     best = common.BestModel(accelerator, args, model, tokenizer, "loss", ABOUT)  # best/: the lowest loss
-    state = checkpoints.resume()  # the newest whole checkpoint made with these settings, or step 0
+    state = checkpoints.resume()  # the newest whole checkpoint (made with other settings: refused), or step 0
     progress = common.Progress(accelerator, args, state, steps, flops)  # the plan, the bar, the logs
     common.catch_stop_signals()  # from here on, SIGTERM and Ctrl-C ask the loop to save, then stop
 
-    while not common.finished(state, steps):  # none if the run had finished
+    while not common.finished(state, steps):  # until the last step is evaluated (at once if it was)
         model.train()  # dropout on (the evaluation turns it off)
         train_dataloader.set_epoch(state.epoch)  # the epoch's order depends only on the seed and the epoch
-        batches = common.EpochBatches(accelerator, train_dataloader, state, steps, args.seed)  # this script
+        batches = common.EpochBatches(accelerator, train_dataloader, state, steps, args.seed)  # this script: as is
         train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, batches, state, checkpoints, progress)
-        if batches.ran_out:  # every batch of the epoch was trained on (the last step may come first)
+        if batches.ran_out:  # all the epoch's batches were used (--max_train_steps may end a run mid-epoch)
             state.start_next_epoch()
         with progress.paused():  # evaluating and saving are not training: left out of tokens/s
             metrics = run_evaluation(accelerator, model, eval_dataloader)  # this script: its metrics
             progress.log_evaluation(metrics)
             best.keep_if_better(state, metrics)  # exports best/ when the metric improves
-            common.stop_early_if_stuck(accelerator, args, state, best.metric)  # --early_stopping_patience
-            state.evaluated_step = state.completed_steps  # saved next: the last step's makes the run finished
+            common.stop_early_if_stuck(accelerator, args, state, best.metric_name)  # ends the while if so
+            state.evaluated_step = state.completed_steps  # in the checkpoint: this step is evaluated
             checkpoints.save(state)
         common.stop_if_signalled(accelerator, state)  # SIGTERM or Ctrl-C came meanwhile: saved, now stop
 
     progress.bar.close()
-    # --test_file: best/ scored on held-out text (None without it)
+    # --test_file: best/ loaded and prepared there, scored on held-out text (None without it)
     test_metrics = evaluation.score_best(accelerator, AutoModelForCausalLM, best.dir, run_evaluation, test_dataloader)
     common.finish(accelerator, args, state, best, test_metrics)  # log_history.json, loss.png, best/'s card
     if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
@@ -114,7 +115,8 @@ def train(args):
 
 
 def train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, batches, state, checkpoints, progress):
-    """The batches of one epoch still to train on; after each optimizer step, the bookkeeping."""
+    """The rest of one epoch, and each optimizer step's bookkeeping. Lines marked "this script"
+    are the only ones that differ between the three scripts' loops."""
     for batch in batches:
         with accelerator.accumulate(model):  # an optimizer step every --gradient_accumulation_steps
             # this script: labels = inputs (the model shifts them by one position itself)
@@ -122,13 +124,14 @@ def train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, batches, 
             accelerator.backward(outputs.loss)  # scaled for fp16, divided over the accumulated batches
             if accelerator.sync_gradients and args.max_grad_norm:  # a step's last batch: gradients whole
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            # accumulate() makes the optimizer act on each step's last batch only.
+            # accumulate() makes step() and zero_grad() act on each step's last batch only.
             # The schedule is ours to keep: once per optimizer step, not when fp16 skipped one.
             optimizer.step()
             if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                 lr_scheduler.step()
             optimizer.zero_grad()
-        progress.count_batch(outputs.loss, batch["input_ids"].numel())  # this script: every token is real
+        state.batch_in_epoch += 1  # a resumed run skips the batches counted here
+        progress.add_batch(outputs.loss, batch["input_ids"].numel())  # this script: every token is real
         if not accelerator.sync_gradients:
             continue  # a micro-batch of an accumulation: no optimizer step yet
         state.completed_steps += 1
@@ -143,8 +146,8 @@ def load_model(args):
     """The tokenizer, the model, and the block size: --block_size, or the smaller of 1024 and the
     model's maximum."""
     tokenizer = from_pretrained(AutoTokenizer, args.model_name_or_path, "tokenizer")
-    if tokenizer.eos_token_id is None:
-        raise common.UserError(
+    if tokenizer.eos_token_id is None:  # the sample at the end pads with it
+        raise UserError(
             f"the tokenizer of {args.model_name_or_path} has no end-of-text token (eos_token); give it one "
             "(e.g. '<|endoftext|>', as GPT-2's) or use a causal-LM tokenizer that has it"
         )
@@ -154,7 +157,7 @@ def load_model(args):
     if args.block_size is None:
         return tokenizer, model, min(1024, most)
     if not 2 <= args.block_size <= most:
-        raise common.UserError(
+        raise UserError(
             f"--block_size {args.block_size} is not between 2 and the model's maximum of {most} positions; "
             f"use --block_size {most} or less"
         )
@@ -186,10 +189,10 @@ def tokenize_and_pack(texts, tokenizer, block_size, split_name, args):
     def tokenize(lines):
         return tokenizer(lines)["input_ids"]
 
-    blocks = token_samples(texts, tokenize, tokenizer, args, split_name, "causal-lm", block_size)
+    blocks = token_samples(texts, tokenize, tokenizer, args, split_name, recipe="causal-lm", block_size=block_size)
     if not args.streaming and len(blocks) == 0:
         found = blocks.token_file.num_tokens
-        raise common.UserError(
+        raise UserError(
             f"the {split_name} text has {found} tokens: fewer than one block of --block_size {block_size}; "
             f"add text or pass --block_size {max(2, found)} or less"
         )

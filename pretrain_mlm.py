@@ -36,6 +36,7 @@ import common
 from machinery import engines, evaluation, flags, throughput, xla
 from machinery.atomic_files import save_pretrained_whole
 from machinery.data_files import from_pretrained
+from machinery.errors import UserError
 from machinery.fixed_masks import FixedMasks
 from machinery.text_samples import language_model_samples, load_texts, token_samples
 from machinery.token_files import tokenizer_fingerprint
@@ -74,49 +75,48 @@ def train(args):
     model = load_model(args, accelerator, tokenizer)
     dataloaders = get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, test_data)
     train_dataloader, eval_dataloader, test_dataloader = dataloaders
-    if args.eval_only:  # no training: the model as it is, on the validation (and test) text
+    if args.eval_only:  # no training: the model as it is, prepared there, on the validation (and test) text
         return evaluation.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, test_dataloader)
 
-    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)
+    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)  # its rates
     mask = functools.partial(mask_tokens, masker, device=accelerator.device)  # each batch, as the loop takes it
     steps = common.count_steps(args, accelerator, train_dataloader)  # optimizer steps: per epoch, in all
     optimizer = common.make_optimizer(model, args, accelerator.device)
     lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, steps.total)
     flops = throughput.flops_per_token(model, args.max_seq_length)  # counted now: prepare() may split the weights
-    # One call for all: an engine (DDP, DeepSpeed) wraps the model, its optimizer and its schedule
-    # together. All but the training batches, which are prepared on their own just below.
+    # One call for all (an engine, DDP or DeepSpeed, wraps them together) but the training batches:
     model, optimizer, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, eval_dataloader, lr_scheduler
     )
-    # The training batches stay on the CPU: they are masked there (see mask_tokens), then moved.
+    # The training batches stay where they are (the CPU; a TPU's loader moves them): mask_tokens.
     train_dataloader = accelerator.prepare_data_loader(train_dataloader, device_placement=False)
-    # A checkpoint of another tokenizer or text is not resumed (a stream's length is not known).
+    # Resuming a checkpoint of other flags, tokenizer or number of samples is refused.
     data = {"tokenizer": tokenizer_fingerprint(tokenizer), "train_samples": None if args.streaming else len(train_data)}
     stream = train_data if args.streaming else None  # --streaming: checkpoints save the place in it
     checkpoints = common.Checkpoints(accelerator, args, data, MAY_CHANGE, stream)
     best = common.BestModel(accelerator, args, model, tokenizer, "loss", ABOUT)  # best/: the lowest loss
-    state = checkpoints.resume()  # the newest whole checkpoint made with these settings, or step 0
+    state = checkpoints.resume()  # the newest whole checkpoint (made with other settings: refused), or step 0
     progress = common.Progress(accelerator, args, state, steps, flops)  # the plan, the bar, the logs
     common.catch_stop_signals()  # from here on, SIGTERM and Ctrl-C ask the loop to save, then stop
 
-    while not common.finished(state, steps):  # none if the run had finished
+    while not common.finished(state, steps):  # until the last step is evaluated (at once if it was)
         model.train()  # dropout on (the evaluation turns it off)
         train_dataloader.set_epoch(state.epoch)  # the epoch's order depends only on the seed and the epoch
         batches = common.EpochBatches(accelerator, train_dataloader, state, steps, args.seed, mask)  # this script
         train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, batches, state, checkpoints, progress)
-        if batches.ran_out:  # every batch of the epoch was trained on (the last step may come first)
+        if batches.ran_out:  # all the epoch's batches were used (--max_train_steps may end a run mid-epoch)
             state.start_next_epoch()
         with progress.paused():  # evaluating and saving are not training: left out of tokens/s
             metrics = run_evaluation(accelerator, model, eval_dataloader)  # this script: its metrics
             progress.log_evaluation(metrics)
             best.keep_if_better(state, metrics)  # exports best/ when the metric improves
-            common.stop_early_if_stuck(accelerator, args, state, best.metric)  # --early_stopping_patience
-            state.evaluated_step = state.completed_steps  # saved next: the last step's makes the run finished
+            common.stop_early_if_stuck(accelerator, args, state, best.metric_name)  # ends the while if so
+            state.evaluated_step = state.completed_steps  # in the checkpoint: this step is evaluated
             checkpoints.save(state)
         common.stop_if_signalled(accelerator, state)  # SIGTERM or Ctrl-C came meanwhile: saved, now stop
 
     progress.bar.close()
-    # --test_file: best/ scored on held-out text, with fixed masks (None without it)
+    # --test_file: best/ loaded and prepared there, scored with fixed masks (None without it)
     test_metrics = evaluation.score_best(accelerator, AutoModelForMaskedLM, best.dir, run_evaluation, test_dataloader)
     common.finish(accelerator, args, state, best, test_metrics)  # log_history.json, loss.png, best/'s card
     if accelerator.is_main_process:  # the demo, once: best/ loaded as users load it
@@ -125,20 +125,22 @@ def train(args):
 
 
 def train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, batches, state, checkpoints, progress):
-    """The batches of one epoch still to train on; after each optimizer step, the bookkeeping."""
+    """The rest of one epoch, and each optimizer step's bookkeeping. Lines marked "this script"
+    are the only ones that differ between the three scripts' loops."""
     for batch in batches:
         with accelerator.accumulate(model):  # an optimizer step every --gradient_accumulation_steps
             outputs = model(**batch)  # this script: masked as the loop takes it (mask_tokens)
             accelerator.backward(outputs.loss)  # scaled for fp16, divided over the accumulated batches
             if accelerator.sync_gradients and args.max_grad_norm:  # a step's last batch: gradients whole
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            # accumulate() makes the optimizer act on each step's last batch only.
+            # accumulate() makes step() and zero_grad() act on each step's last batch only.
             # The schedule is ours to keep: once per optimizer step, not when fp16 skipped one.
             optimizer.step()
             if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                 lr_scheduler.step()
             optimizer.zero_grad()
-        progress.count_batch(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
+        state.batch_in_epoch += 1  # a resumed run skips the batches counted here
+        progress.add_batch(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
         if not accelerator.sync_gradients:
             continue  # a micro-batch of an accumulation: no optimizer step yet
         state.completed_steps += 1
@@ -206,7 +208,7 @@ def prepare_data(texts, split_name, tokenizer, args):
     recipe = f"lines of at most {args.max_seq_length}" if args.line_by_line else "whole lines"
     data = token_samples(texts, tokenize, tokenizer, args, split_name, recipe, block_size, tokenizer.all_special_ids)
     if not args.streaming and len(data) == 0:
-        raise common.UserError(
+        raise UserError(
             f"the {split_name} text is shorter than one block of --max_seq_length {args.max_seq_length} tokens; "
             "add text, lower --max_seq_length, or use --line_by_line"
         )
@@ -215,11 +217,9 @@ def prepare_data(texts, split_name, tokenizer, args):
 
 def load_model(args, accelerator, tokenizer):
     """A saved model folder (--model_name_or_path) continues its pretraining; without one, a new
-    model (seeded by setup: the same start every time)."""
-    if args.model_name_or_path:
-        model = from_pretrained(AutoModelForMaskedLM, args.model_name_or_path)
-    else:
-        model = new_model(args, tokenizer)
+    model."""
+    new = args.model_name_or_path is None  # a new model, seeded by setup: the same start every time
+    model = new_model(args, tokenizer) if new else from_pretrained(AutoModelForMaskedLM, args.model_name_or_path)
     accelerator.print(f"RoBERTa masked LM: {model.num_parameters():,} parameters")
     return model
 

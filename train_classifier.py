@@ -26,6 +26,7 @@ import common
 from machinery import engines, evaluation, flags, throughput, xla
 from machinery.columns import load_data, load_test_data
 from machinery.data_files import from_pretrained
+from machinery.errors import UserError
 from machinery.sampling import EpochSampler, global_batch_size
 from machinery.waits import main_process_first
 
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     if args.text_columns and len(args.text_columns) > 2:
         parser.error("--text_columns takes one column, or two for sentence pairs")
     if args.streaming:
-        raise common.UserError(
+        raise UserError(
             "--streaming is for the language models' text; the classifier reads its rows whole (to find the labels "
             "and group lengths): drop --streaming"
         )
@@ -65,8 +66,9 @@ def parse_args(argv=None):
 def train(args):
     accelerator = common.setup(args, "train_classifier")  # the device, its precision, the processes
     with main_process_first(accelerator):  # the main process reads the data; the others read its cache
+        # Text column(s), `label` (renamed; other columns dropped), label names (None: regression).
         train_data, eval_data, columns, label_column, label_names = load_data(args)
-        test_data = load_test_data(args, columns)  # checked now: a bad test file must not wait for the training
+        test_data = load_test_data(args, columns)  # (rows, text columns, id column), checked now, or None
     metric = choose_metric(args, label_names)
     tokenizer, model, max_seq_length = load_model(args, label_names)
     train_dataloader, eval_dataloader = get_dataloaders(
@@ -85,27 +87,27 @@ def train(args):
     model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, lr_scheduler
     )
-    # A checkpoint made with other columns or labels is not resumed: its head would not fit.
+    # Resuming a checkpoint of other flags, columns or labels is refused: its head would not fit.
     data = {"columns": [*columns, label_column], "labels": label_names}
     checkpoints = common.Checkpoints(accelerator, args, data, MAY_CHANGE)
     best = common.BestModel(accelerator, args, model, tokenizer, metric, ABOUT)  # best/: by --metric_for_best_model
-    state = checkpoints.resume()  # the newest whole checkpoint made with these settings, or step 0
+    state = checkpoints.resume()  # the newest whole checkpoint (made with other settings: refused), or step 0
     progress = common.Progress(accelerator, args, state, steps, flops)  # the plan, the bar, the logs
     common.catch_stop_signals()  # from here on, SIGTERM and Ctrl-C ask the loop to save, then stop
 
-    while not common.finished(state, steps):  # none if the run had finished
+    while not common.finished(state, steps):  # until the last step is evaluated (at once if it was)
         model.train()  # dropout on (the evaluation turns it off)
         train_dataloader.set_epoch(state.epoch)  # the epoch's order depends only on the seed and the epoch
-        batches = common.EpochBatches(accelerator, train_dataloader, state, steps, args.seed)  # this script
+        batches = common.EpochBatches(accelerator, train_dataloader, state, steps, args.seed)  # this script: as is
         train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, batches, state, checkpoints, progress)
-        if batches.ran_out:  # every batch of the epoch was trained on (the last step may come first)
+        if batches.ran_out:  # all the epoch's batches were used (--max_train_steps may end a run mid-epoch)
             state.start_next_epoch()
         with progress.paused():  # evaluating and saving are not training: left out of tokens/s
             metrics = run_evaluation(accelerator, model, eval_dataloader)  # this script: its metrics
             progress.log_evaluation(metrics)
             best.keep_if_better(state, metrics)  # exports best/ when the metric improves
-            common.stop_early_if_stuck(accelerator, args, state, best.metric)  # --early_stopping_patience
-            state.evaluated_step = state.completed_steps  # saved next: the last step's makes the run finished
+            common.stop_early_if_stuck(accelerator, args, state, best.metric_name)  # ends the while if so
+            state.evaluated_step = state.completed_steps  # in the checkpoint: this step is evaluated
             checkpoints.save(state)
         common.stop_if_signalled(accelerator, state)  # SIGTERM or Ctrl-C came meanwhile: saved, now stop
 
@@ -120,20 +122,22 @@ def train(args):
 
 
 def train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, batches, state, checkpoints, progress):
-    """The batches of one epoch still to train on; after each optimizer step, the bookkeeping."""
+    """The rest of one epoch, and each optimizer step's bookkeeping. Lines marked "this script"
+    are the only ones that differ between the three scripts' loops."""
     for batch in batches:
         with accelerator.accumulate(model):  # an optimizer step every --gradient_accumulation_steps
             outputs = model(**batch)  # this script: the batch holds the labels
             accelerator.backward(outputs.loss)  # scaled for fp16, divided over the accumulated batches
             if accelerator.sync_gradients and args.max_grad_norm:  # a step's last batch: gradients whole
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            # accumulate() makes the optimizer act on each step's last batch only.
+            # accumulate() makes step() and zero_grad() act on each step's last batch only.
             # The schedule is ours to keep: once per optimizer step, not when fp16 skipped one.
             optimizer.step()
             if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                 lr_scheduler.step()
             optimizer.zero_grad()
-        progress.count_batch(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
+        state.batch_in_epoch += 1  # a resumed run skips the batches counted here
+        progress.add_batch(outputs.loss, batch["attention_mask"].sum())  # this script: real tokens, not padding
         if not accelerator.sync_gradients:
             continue  # a micro-batch of an accumulation: no optimizer step yet
         state.completed_steps += 1
@@ -145,7 +149,8 @@ def train_one_epoch(args, accelerator, model, optimizer, lr_scheduler, batches, 
 
 
 def evaluate_only(args, accelerator, model, tokenizer, eval_dataloader, test_data):
-    """--eval_only: the model as it is on the validation data; the test rows predicted by it."""
+    """--eval_only: the model as it is (prepared there) on the validation data, its metrics in
+    eval_results.json; the test rows predicted by it."""
     metrics = evaluation.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader)
     if test_data is not None and accelerator.is_main_process:  # by the model just evaluated
         classifier = load_classifier(model, tokenizer, xla.pipeline_device(accelerator))
@@ -160,7 +165,7 @@ def choose_metric(args, label_names):
     metric = args.metric_for_best_model or allowed[0]
     if metric not in allowed:
         kind = "classification" if label_names else "a regression (labels with fractions)"
-        raise common.UserError(f"--metric_for_best_model {metric} does not apply to {kind}; use {', '.join(allowed)}")
+        raise UserError(f"--metric_for_best_model {metric} does not apply to {kind}; use {', '.join(allowed)}")
     return metric
 
 
@@ -237,14 +242,11 @@ def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, columns
         # processes).
         batch = global_batch_size(args, accelerator)
         sampler = LengthGroupedSampler([len(ids) for ids in train_data["input_ids"]], batch, args.seed)
-    train_dataloader, eval_dataloader, _ = common.make_dataloaders(
-        args, accelerator, collator, train_data, eval_data, sampler=sampler
-    )
-    return train_dataloader, eval_dataloader
+    return common.make_dataloaders(args, accelerator, collator, train_data, eval_data, sampler=sampler)[:2]
 
 
 class LengthGroupedSampler(EpochSampler):
-    """common.EpochSampler (an order from (seed, epoch) alone, whole global batches) with
+    """EpochSampler (each epoch's order from (seed, epoch) alone, padded to whole global batches),
     Transformers' grouping: shuffle, then sort each run of about 50 batches by length, so little
     is left to pad."""
 

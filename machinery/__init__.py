@@ -3,8 +3,10 @@ needs to open it: a script and common.py say what each call does. An engineer wh
 a promise is kept finds the module by its name; each one's docstring says which promise it keeps and
 which tests prove it. Nothing here imports common.py or a script.
 
-    errors            bad input becomes one line and exit code 2
+    command           a script run as a command: bad input becomes one line and exit code 2
+    errors            UserError: a problem and its fix, in one line
     flags             the flags every script takes; the command line, without the Hub token
+    colab             Google Drive: where it is mounted, and mounting it for --drive
     engines           DeepSpeed, FSDP2: what each needs before prepare()
     xla               TPUs: the gaps between XLA and what Accelerate and transformers assume
     waits             processes that wait for each other outside a collective
@@ -18,6 +20,8 @@ which tests prove it. Nothing here imports common.py or a script.
     token_files       a corpus tokenized once into a flat file read through np.memmap
     streaming         text larger than the disk, resumed at the very next block
     throughput        tokens per second and model FLOPs utilization
+    evaluation        --eval_only, --test_file with best/, metrics without the network
+    fixed_masks       the masked LM's evaluation masks, drawn once and for all
     export            best/: the model folder, its model card, its loss curve, the Hub
     batch_finder      --auto_find_batch_size
     columns           the classifier's files, columns and labels

@@ -102,13 +102,13 @@ def write_final_outputs(accelerator, args, state, best, test_metrics=None):
     common.BestModel."""
     output_dir = Path(args.output_dir)
     write_json(output_dir / "log_history.json", state.log_history)
-    plot_history(state.log_history, output_dir / "loss.png", ("eval_loss", f"eval_{best.metric}"))
+    plot_history(state.log_history, output_dir / "loss.png", ("eval_loss", f"eval_{best.metric_name}"))
     results = json.loads((output_dir / "eval_results.json").read_text()) | (test_metrics or {})
     write_json(output_dir / "eval_results.json", results)
     shutil.copy(output_dir / "loss.png", best.dir / "loss.png")
     state.count_train_time()
     model_card(args, best.about, state, results, accelerator, best.model, loss_curve=True).save(best.dir / "README.md")
-    print(f"Best {best.metric}: {state.best_metric:.4f} at step {state.best_step}; model in {best.dir}")
+    print(f"Best {best.metric_name}: {state.best_metric:.4f} at step {state.best_step}; model in {best.dir}")
     if test_metrics:
         print(f"best/ on the test data: {format_metrics(test_metrics)}")
     if args.push_to_hub:
