@@ -6,7 +6,6 @@ import math
 import shutil
 import subprocess
 import time
-from dataclasses import astuple
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -258,9 +257,9 @@ def test_training_steps_arithmetic():
 
     ten_batches = type("Batches", (list,), {"dataset": list(range(80))})(range(10))  # 10 batches
     one_process = SimpleNamespace(num_processes=1)
-    assert astuple(common.count_steps(A, one_process, ten_batches)) == (3, 9, 3)  # ceil(10 / 4) = 3 steps per epoch
+    assert tuple(common.count_steps(A, one_process, ten_batches)) == (3, 9, 3)  # ceil(10 / 4) = 3 steps per epoch
     A.max_train_steps = 7
-    assert astuple(common.count_steps(A, one_process, ten_batches)) == (3, 7, 3)
+    assert tuple(common.count_steps(A, one_process, ten_batches)) == (3, 7, 3)
 
 
 def test_two_processes_train_and_evaluate_like_one(tiny_bert, toy_files, tmp_path):
