@@ -143,7 +143,7 @@ def count_steps(args, accelerator, train_dataloader):
     """Optimizer steps per epoch and in all, counted once, before `prepare` (the schedule needs
     them then): the dataloader gives every process's batches, and EpochSampler makes an epoch a
     whole number of global batches, so of optimizer steps. A stream (--streaming) has no length:
-    it is one epoch of --max_train_steps, unless it ends first."""
+    it is one epoch of --max_train_steps (a stream that ends first starts again)."""
     if is_stream(train_dataloader):
         return Steps(args.max_train_steps, args.max_train_steps, 1)
     batches = len(train_dataloader) // accelerator.num_processes  # each process's share of an epoch
@@ -214,9 +214,9 @@ class Checkpoints:
         self.last_save_time = time.monotonic()
 
     def resume(self):
-        """The newest whole checkpoint made with these settings (or --resume_from_checkpoint),
-        loaded into the prepared objects: its TrainingState. A fresh one if there is none, or with
-        --no_resume, which deletes the checkpoints."""
+        """The newest whole checkpoint (or --resume_from_checkpoint), loaded into the prepared
+        objects: its TrainingState (one made with other settings is refused in one line). A fresh
+        one if there is none, or with --no_resume, which deletes the checkpoints."""
         acc, args = self.accelerator, self.args
         if acc.is_main_process:
             recover_swaps(Path(args.output_dir))  # best/, if a crash came while it was replaced
@@ -283,7 +283,8 @@ class Checkpoints:
 
 def catch_stop_signals():
     """From here on SIGTERM (a scheduler's preemption, Colab's stop button) and Ctrl-C are only
-    noted: the loop saves at its next optimizer step, then stops. A second one stops at once."""
+    noted: the loop saves at its next optimizer step (several processes: its next logging step),
+    then stops. A second one stops at once."""
     StopSignals.catch()
 
 
@@ -434,7 +435,7 @@ class BestModel:
         count one more evaluation without improvement."""
         value, best = metrics[self.metric_name], state.best_metric
         # Lower is better for a loss, higher for any other metric (accuracy, F1, correlations); a
-        # value that is no number (a diverged run's loss) is never better.
+        # value that is no number (a diverged run's loss) never beats a number.
         if best is not None and not (value < best if self.metric_name == "loss" else value > best):
             state.evals_without_improvement += 1
             return

@@ -87,7 +87,7 @@ def train(args):
     progress = common.Progress(accelerator, args, state, steps, flops)  # the plan, the bar, the logs
     common.catch_stop_signals()  # from here on, SIGTERM and Ctrl-C ask the loop to save, then stop
 
-    while not common.finished(state, steps):  # until the last step is evaluated (at once if it was)
+    while not common.finished(state, steps):  # the same in each script but for lines marked "this script"
         model.train()  # dropout on (the evaluation turns it off)
         train_dataloader.set_epoch(state.epoch)  # the epoch's order depends only on the seed and the epoch
         batches = common.EpochBatches(accelerator, train_dataloader, state, steps, args.seed)  # this script: as is

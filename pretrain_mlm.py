@@ -78,17 +78,17 @@ def train(args):
     if args.eval_only:  # no training: the model as it is, prepared there, on the validation (and test) text
         return evaluation.evaluate_only(accelerator, args, model, run_evaluation, eval_dataloader, test_dataloader)
 
-    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)  # its rates
+    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability)  # for mask_tokens
     mask = functools.partial(mask_tokens, masker, device=accelerator.device)  # each batch, as the loop takes it
     steps = common.count_steps(args, accelerator, train_dataloader)  # optimizer steps: per epoch, in all
     optimizer = common.make_optimizer(model, args, accelerator.device)
     lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, steps.total)
     flops = throughput.flops_per_token(model, args.max_seq_length)  # counted now: prepare() may split the weights
-    # One call for all (an engine, DDP or DeepSpeed, wraps them together) but the training batches:
+    # One call for the model, optimizer and schedule (an engine wraps them together), then
     model, optimizer, eval_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, eval_dataloader, lr_scheduler
     )
-    # The training batches stay where they are (the CPU; a TPU's loader moves them): mask_tokens.
+    # the training batches, kept where they are (the CPU; a TPU's loader moves them): mask_tokens.
     train_dataloader = accelerator.prepare_data_loader(train_dataloader, device_placement=False)
     # Resuming a checkpoint of other flags, tokenizer or number of samples is refused.
     data = {"tokenizer": tokenizer_fingerprint(tokenizer), "train_samples": None if args.streaming else len(train_data)}
@@ -99,7 +99,7 @@ def train(args):
     progress = common.Progress(accelerator, args, state, steps, flops)  # the plan, the bar, the logs
     common.catch_stop_signals()  # from here on, SIGTERM and Ctrl-C ask the loop to save, then stop
 
-    while not common.finished(state, steps):  # until the last step is evaluated (at once if it was)
+    while not common.finished(state, steps):  # the same in each script but for lines marked "this script"
         model.train()  # dropout on (the evaluation turns it off)
         train_dataloader.set_epoch(state.epoch)  # the epoch's order depends only on the seed and the epoch
         batches = common.EpochBatches(accelerator, train_dataloader, state, steps, args.seed, mask)  # this script
@@ -248,11 +248,11 @@ def get_dataloaders(args, accelerator, tokenizer, train_data, eval_data, test_da
 
 
 def mask_tokens(masker, batch, device):
-    """The model's inputs: DataCollatorForLanguageModeling's masking (of the maskable tokens,
-    --mlm_probability: 80% become <mask>, 10% a random token, 10% stay; only those are
-    predicted), moved to the device. It runs as the loop takes each batch, drawing from the
-    global random state that checkpoints restore, so a resumed run masks exactly as an
-    uninterrupted one (inside the DataLoader it would draw ahead: Accelerate prefetches a batch).
+    """The model's inputs: DataCollatorForLanguageModeling's masking, the same draws as its
+    torch_mask_tokens (a test checks), of the maskable tokens (--mlm_probability: 80% become
+    <mask>, 10% a random token, 10% stay; only those are predicted), on the device. It runs as
+    the loop takes each batch, drawing from the random state that checkpoints restore, so a
+    resumed run masks as an uninterrupted one (a DataLoader draws ahead: Accelerate prefetches).
     On XLA (TPUs) the batch is on the device already, and so are the draws; each choice is made
     with torch.where, never by indexing with a mask, whose size XLA would stop the step to count."""
     ids, maskable = batch["input_ids"], ~batch["special_tokens_mask"].bool()
