@@ -152,13 +152,17 @@ def count_steps(args, accelerator, train_dataloader):
     return Steps(per_epoch, total, math.ceil(total / per_epoch))
 
 
+# Not decayed, as in transformers' Trainer: biases, norm weights of any class (Llama's RMSNorm too).
+NO_DECAY_NAMES = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
 def make_optimizer(model, args, device):
     """AdamW without weight decay on biases and normalization weights (transformers' rule, as its
     Trainer applies it); fused on a GPU: one kernel for all parameters instead of one per tensor.
     On XLA (TPUs) the model is put on the device first, its tied weights tied again."""
     if device.type == "xla":
         xla.to_xla(model, device)
-    decay = set(get_parameter_names(model, ALL_LAYERNORM_LAYERS, ["bias", "layernorm", "rmsnorm"]))
+    decay = set(get_parameter_names(model, ALL_LAYERNORM_LAYERS, NO_DECAY_NAMES))
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for name, p in params if name in decay], "weight_decay": args.weight_decay},
@@ -341,12 +345,12 @@ class Progress:
         self.accelerator, self.args, self.state, self.steps = accelerator, args, state, steps
         self.throughput = Throughput(accelerator, flops_per_token)
         self.losses = []
-        self.say_plan(steps)
+        self.say_plan()
         disable = not accelerator.is_main_process  # one bar, on the main process
         self.bar = tqdm(total=steps.total, initial=state.completed_steps, disable=disable)
 
-    def say_plan(self, steps):
-        acc, args, state = self.accelerator, self.args, self.state
+    def say_plan(self):
+        acc, args, state, steps = self.accelerator, self.args, self.state, self.steps
         if finished(state, steps):
             acc.print(
                 f"Training already finished in {args.output_dir} ({state.completed_steps} steps); "
@@ -448,11 +452,12 @@ class BestModel:
             write_json(Path(self.args.output_dir) / "eval_results.json", results)
 
 
-def stop_early_if_stuck(accelerator, args, state, metric):
-    """--early_stopping_patience: stop after that many evaluations without improvement."""
+def stop_early_if_stuck(accelerator, args, state, metric_name):
+    """--early_stopping_patience: after that many evaluations without improvement, mark the run
+    stopped early (finished() then ends the loop; the epoch's checkpoint records it)."""
     patience = args.early_stopping_patience
     if patience and state.evals_without_improvement >= patience:
-        accelerator.print(f"No improvement in {metric} for {patience} evaluations: stopping early.")
+        accelerator.print(f"No improvement in {metric_name} for {patience} evaluations: stopping early.")
         state.stopped_early = True
 
 

@@ -231,3 +231,19 @@ def test_tokenizing_maps_into_files_of_its_own(tmp_path, monkeypatch):
     assert Path(cache_files[0]).parent == token_file.tokens_path.parent
     assert Path(cache_files[0]).name.startswith(f".tmp-{os.getpid()}@{socket.gethostname()}-")
     assert not list(token_file.tokens_path.parent.glob(".tmp-*"))  # removed once the token file is whole
+
+
+def test_norm_weights_of_any_class_are_not_decayed():
+    """Llama's RMSNorm is no LayerNorm, and its last one is named plain `norm`: not decayed either,
+    like every other normalization weight and bias; every matrix is."""
+    import argparse
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
+    model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **small))
+    args = argparse.Namespace(weight_decay=0.1, learning_rate=1e-3)
+    decayed, kept = common.make_optimizer(model, args, torch.device("cpu")).param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert "model.norm.weight" in {names[id(p)] for p in kept["params"]}
+    assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim < 2 for p in kept["params"])
