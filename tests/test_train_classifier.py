@@ -175,6 +175,19 @@ def test_finished_run_is_not_trained_again_and_more_epochs_continue(trained, tin
     assert state.completed_steps == (EPOCHS + 1) * 25 and state.epoch == EPOCHS + 1
     assert newest_state(out)["completed_steps"] == (EPOCHS + 1) * 25
 
+    # --max_train_steps may end a run inside an epoch: the epoch is not over (its batches did not
+    # run out), and raised, the run goes on with that epoch's other batches.
+    split, steps = tmp_path / "split", EPOCHS * 25 + 10
+    shutil.copytree(trained, split)
+    more = ["--num_train_epochs", EPOCHS + 1]
+    state = train_classifier.main(argv(tiny_bert, *toy_files, split, *more, "--max_train_steps", steps))
+    assert state.completed_steps == steps and state.epoch == EPOCHS and state.batch_in_epoch > 0
+    batch, _ = state.batch_in_epoch, capsys.readouterr()
+    state = train_classifier.main(argv(tiny_bert, *toy_files, split, *more))
+    resumed = capsys.readouterr().out.split("Resumed from ")[1].splitlines()[0]
+    assert f"epoch {EPOCHS}, step {steps}, batch {batch} of the epoch" in resumed, resumed
+    assert state.completed_steps == (EPOCHS + 1) * 25 and state.epoch == EPOCHS + 1
+
 
 def test_resume_mid_epoch_equals_uninterrupted(tiny_bert, toy_files, tmp_path, capsys):
     full = tmp_path / "full"
