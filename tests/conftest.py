@@ -9,6 +9,9 @@ from pathlib import Path
 # transformers/datasets are imported, since they read these at import.
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+# Runs are compared to the bit: MKL on one thread, so that how it splits a matrix product cannot
+# change their last bits (see tests/helpers.py: offline_env).
+os.environ["MKL_NUM_THREADS"] = "1"
 # A datasets cache (and the token files beside it) of this session's own: the tests neither read
 # what an earlier session left nor fill the user's cache.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-tests-")

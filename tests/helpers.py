@@ -64,10 +64,12 @@ def write_csv(path, rows, delimiter=","):
 
 
 def offline_env(**extra):
-    env = dict(
-        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **extra
-    )
-    return env
+    """The environment of a script the tests run: offline, and MKL on one thread. Tests compare
+    runs to the bit; MKL's matrix products give other last bits when split over another number
+    of threads, and MKL may choose to use fewer than it has (MKL_DYNAMIC). A CI run's weights once
+    differed in their last bits from those of the same command, while its metrics matched."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env | {"MKL_NUM_THREADS": "1", **extra}
 
 
 def script_command(script, *args):

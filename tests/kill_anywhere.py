@@ -97,8 +97,8 @@ def outcome(out):
     checkpoints = sorted((out / "checkpoints").glob("step_*"))
     state = json.loads((checkpoints[-1] / "training_state.json").read_text())["state"]
     ended = {
-        "best": sha256(out / "best" / "model.safetensors"),
-        "final": sha256(checkpoints[-1] / "model.safetensors"),
+        "best": sha256(model_file(out, "best")),
+        "final": sha256(model_file(out, "final")),
         "metrics": json.loads((out / "eval_results.json").read_text()),
         "step": state["completed_steps"],
         "evaluated_step": state.get("evaluated_step"),
@@ -107,6 +107,28 @@ def outcome(out):
         if (out / made).exists():
             ended[made] = sha256(out / made)
     return ended
+
+
+def weights_differ(whole, out):
+    """The largest difference of each tensor that differs between best/ and the newest checkpoint
+    of two runs: a bug moves many weights, last bits of a matrix product a few, by little."""
+    from safetensors.torch import load_file
+
+    differ = {}
+    for name in ("best", "final"):
+        a, b = (load_file(model_file(run, name)) for run in (whole, out))
+        for key in sorted(a.keys() | b.keys()):
+            if key not in a or key not in b or a[key].shape != b[key].shape:
+                differ[f"{name}/{key}"] = "missing or reshaped"
+            elif not a[key].equal(b[key]):
+                differ[f"{name}/{key}"] = f"{(a[key].double() - b[key].double()).abs().max().item():.3g}"
+    return differ
+
+
+def model_file(out, which):
+    """best/'s weights, or ("final") the newest checkpoint's."""
+    folder = out / "best" if which == "best" else sorted((out / "checkpoints").glob("step_*"))[-1]
+    return folder / "model.safetensors"
 
 
 def sha256(path):
@@ -139,6 +161,8 @@ def check(script, folder, kills, seed, eval_rows=400):
             moments.append(last_line(log))
             continue
         endings.append(outcome(out))  # this run ended: compared, and the next kills hit a new one
+        if endings[-1] != expected:  # kept in the report: which weights differ, and by how much
+            endings[-1]["weights_differ"] = weights_differ(whole, out)
         out = folder / f"killed-{len(endings)}"
         if i < kills:
             moments.append("(ended before the kill)")
