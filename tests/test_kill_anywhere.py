@@ -7,6 +7,9 @@ names the seed that replays it): CI runs it after the suite, whose ten minutes i
 import json
 
 import pytest
+import torch
+from kill_anywhere import weights_differ
+from safetensors.torch import save_file
 from test_train_classifier import argv, newest_state
 
 import train_classifier
@@ -52,3 +55,16 @@ def test_a_kill_during_the_last_evaluation_is_evaluated_on_the_next_run(
     # Finished now: a third run trains and evaluates nothing more.
     state = train_classifier.main(argv(tiny_bert, *toy_files, killed, *extra))
     assert state.completed_steps == 10 * epochs
+
+
+def test_a_mismatch_names_the_tensors_that_differ(tmp_path):
+    """kill_anywhere.py's report of a run that ended otherwise: each tensor of best/ and the newest
+    checkpoint that differs, by its largest difference (a bug moves many by much; the last bits of
+    a matrix product, a few by 1e-8); equal ones are not named."""
+    weights = {"a": torch.zeros(3), "b": torch.ones(2)}
+    for run, b in (("whole", weights["b"]), ("killed", weights["b"] + torch.tensor([0.0, 0.5]))):
+        for folder in (tmp_path / run / "best", tmp_path / run / "checkpoints" / "step_00000002"):
+            folder.mkdir(parents=True)
+            save_file(weights | {"b": b}, folder / "model.safetensors")
+    (tmp_path / "whole" / "checkpoints" / "step_00000001").mkdir()  # older: not compared
+    assert weights_differ(tmp_path / "whole", tmp_path / "killed") == {"best/b": "0.5", "final/b": "0.5"}
