@@ -247,3 +247,27 @@ def test_norm_weights_of_any_class_are_not_decayed():
     names = {id(p): name for name, p in model.named_parameters()}
     assert "model.norm.weight" in {names[id(p)] for p in kept["params"]}
     assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim < 2 for p in kept["params"])
+
+
+@pytest.mark.parametrize("metric", ["loss", "accuracy"])
+def test_a_number_beats_a_best_that_is_no_number(metric, monkeypatch, tmp_path):
+    """A first evaluation that is no number (a loss diverged in fp16) is best/ for want of another,
+    and the first number after it replaces it: compared with NaN, no number is lower or higher,
+    so best/ used to stay that model to the end. NaN never beats a number."""
+    import argparse
+    from types import SimpleNamespace
+
+    exported = []
+    monkeypatch.setattr(common.export, "model_card", lambda *args: "card")
+    monkeypatch.setattr(common.export, "export_model", lambda *args: exported.append(state.completed_steps))
+    args = argparse.Namespace(output_dir=str(tmp_path))
+    best = common.BestModel(SimpleNamespace(is_main_process=False), args, None, None, metric, None)
+    state = common.TrainingState()
+    sign = 1 if metric == "loss" else -1  # lower is better for a loss, higher for accuracy
+    for step, value in enumerate([float("nan"), 5.0, float("nan"), 6.0, 4.0], start=1):
+        state.completed_steps = step
+        best.keep_if_better(state, {metric: sign * value})
+    assert exported == [1, 2, 5] and state.best_metric == sign * 4.0 and state.best_step == 5
+    state.completed_steps = 6
+    best.keep_if_better(state, {metric: float("nan")})
+    assert state.evals_without_improvement == 1 and exported == [1, 2, 5]
