@@ -4,7 +4,7 @@ broken rows dropped and said so, labels encoded (fractions make a regression), a
 checked before training.
 
 Tests (in tests/, unless named otherwise):
-- test_real_inputs.py (every GLUE file and task, column flags, refusals)
+- test_real_inputs.py (every GLUE file and task, column flags, refusals, the hub's GLUE predictions)
 - test_train_classifier.py::test_tsv_pairs_and_integer_labels"""
 
 import csv
@@ -33,6 +33,15 @@ LAYOUTS = [
     (("column4",), "column2"),  # CoLA files: no header row; source, label, original mark, sentence
 ]
 
+# The hub's GLUE names the labels of these tasks, whose files and submissions spell numbers:
+# CoLA, SST-2, MRPC, QQP, WNLI (MNLI, QNLI and RTE spell the names in both).
+GLUE_NUMBERED_LABELS = (
+    ["unacceptable", "acceptable"],
+    ["negative", "positive"],
+    ["not_equivalent", "equivalent"],
+    ["not_duplicate", "duplicate"],
+    ["not_entailment", "entailment"],
+)
 
 ID_NAME = re.compile(r"(.*[\s_#-])?(id|idx|index|guid)", re.IGNORECASE)  # never text
 
@@ -273,3 +282,11 @@ def load_test_data(args, columns):
             index = name
             break
     return test, texts, index
+
+
+def submission_label(args, config, label):
+    """How predictions.tsv spells a predicted label: as the training data does, but for a hub data
+    set's GLUE task whose submissions take numbers (MRPC's `equivalent` is 1)."""
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    numbered = args.dataset_name and not args.train_file and names in GLUE_NUMBERED_LABELS
+    return str(config.label2id[label]) if numbered else label

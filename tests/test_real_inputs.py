@@ -326,13 +326,15 @@ def test_predictions_for_glue_test_files_in_glues_submission_layout(task, tiny_b
 
 
 def test_eval_only_predicts_and_the_hub_test_split_too(tiny_bert, tmp_path):
-    hub = helpers.glue_hub_dataset("rte")
-    hub.save_to_disk(tmp_path / "rte")
-    data = ["--dataset_name", tmp_path / "rte", "--output_dir", tmp_path / "trained", "--max_train_steps", 2]
+    """The hub's MRPC names its labels (`equivalent`); GLUE's submissions, like its files, take
+    0 and 1: predictions.tsv has the numbers."""
+    hub = helpers.glue_hub_dataset("mrpc")
+    hub.save_to_disk(tmp_path / "mrpc")
+    data = ["--dataset_name", tmp_path / "mrpc", "--output_dir", tmp_path / "trained", "--max_train_steps", 2]
     train_classifier.main([str(a) for a in ["--model_name_or_path", tiny_bert, *data, "--do_predict"]])
     rows = (tmp_path / "trained" / "predictions.tsv").read_text().splitlines()
     assert rows[0] == "index\tprediction" and [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(10)]
-    assert {r.split("\t")[1] for r in rows[1:]} <= {"entailment", "not_entailment"}
+    assert {r.split("\t")[1] for r in rows[1:]} <= {"0", "1"}
     # --eval_only on best/: the same predictions, without training
     best = tmp_path / "trained" / "best"
     out = tmp_path / "again"
@@ -378,3 +380,24 @@ def test_eval_only_predicts_with_the_model_it_evaluated(tiny_bert, tmp_path):
     AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / "evaluated")
     by_hand = predicted_by_hand(tmp_path / "evaluated", test_file, TEST_TEXT["stsb"])[1]
     assert scores == pytest.approx(by_hand, abs=1e-3)
+
+
+@pytest.mark.parametrize("task", [task for task, (_, names) in helpers.GLUE_HUB.items() if names])
+def test_hub_glue_predictions_are_spelled_as_glue_submissions_take_them(task):
+    """CoLA, SST-2, MRPC, QQP and WNLI take numbers, as GLUE's files spell them; MNLI, QNLI and
+    RTE take the names. A local file's labels stay as the file spells them, whatever they are."""
+    from argparse import Namespace
+
+    from transformers import BertConfig
+
+    from machinery.columns import submission_label
+
+    names = helpers.GLUE_HUB[task][1]
+    config = BertConfig(id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)})
+    hub, local = (
+        Namespace(dataset_name="nyu-mll/glue", train_file=None),
+        Namespace(dataset_name=None, train_file="t.csv"),
+    )
+    spelled = [submission_label(hub, config, name) for name in names]
+    assert spelled == (names if task in ("mnli", "qnli", "rte") else [str(i) for i in range(len(names))])
+    assert [submission_label(local, config, name) for name in names] == names
