@@ -201,8 +201,8 @@ def prepare_data(texts, split_name, tokenizer, args):
     <s> ... </s> around every line, and which tokens are special (never masked) said."""
     cut = {"truncation": True, "max_length": args.max_seq_length} if args.line_by_line else {}
 
-    def tokenize(lines):  # whole lines when packing: packing cuts the blocks
-        return tokenizer([line for line in lines if line.strip()], **cut)["input_ids"]
+    def tokenize(lines):  # whole lines when packing: packing cuts the blocks; blank ones left out
+        return [ids for ids, line in zip(tokenizer(lines, **cut)["input_ids"], lines) if line.strip()]
 
     block_size = None if args.line_by_line else args.max_seq_length
     recipe = f"lines of at most {args.max_seq_length}" if args.line_by_line else "whole lines"

@@ -4,6 +4,7 @@ with --streaming, as training reads on).
 
 Tests (in tests/, unless named otherwise):
 - test_finetune_gpt2.py (packing, validation split, streaming)
+- test_every_script.py::test_a_stream_that_gives_no_sample_is_refused_before_training
 - test_pretrain_mlm.py (line by line, packed)
 - test_scale_out.py::test_processes_wait_for_long_tokenizing_outside_collectives"""
 
@@ -123,11 +124,10 @@ def token_samples(texts, tokenize, tokenizer, args, split_name, recipe, block_si
     samples are read once, into memory: the validation lines are at most --max_eval_samples)."""
     if args.streaming:
         samples = StreamedBlocks(texts, tokenize, block_size, special_ids)
-        if split_name == "training":
-            return samples
-        samples = list(samples)
-        if not samples:  # (a token file's emptiness is the script's to say, with its numbers)
+        # Read up to the first sample now: a stream with none would start an epoch over and over.
+        # (A token file's emptiness is the script's to say, with its numbers.)
+        if next(iter(samples), None) is None:
             raise UserError(f"the {split_name} text is too short for one sample; add text, or make the samples shorter")
-        return samples
+        return samples if split_name == "training" else list(samples)
     token_file = tokenize_to_file(texts, tokenize, tokenizer, args, split_name, recipe)
     return TokenSamples(token_file, block_size, special_ids)

@@ -390,6 +390,22 @@ def test_bad_input_sweep(script, case, setups, full_runs, tmp_path, capsys):
     assert helpers.digest(out) == before
 
 
+@pytest.mark.parametrize("script", ["finetune_gpt2", "pretrain_mlm"])
+def test_a_stream_that_gives_no_sample_is_refused_before_training(script, setups, full_runs, tmp_path, capsys):
+    """--streaming on a text too short for one block (GPT-2), or of blank lines only, more than the
+    1,000 lines tokenized at once (the masked LM): one line saying so, before training. The stream
+    used to end each epoch at once, forever; the masked LM crashed on a batch of blank lines."""
+    s, out = setups[script], tmp_path / "run"
+    out.mkdir()
+    for tokenizer_file in full_runs[script].glob("*token*"):  # the masked LM's, trained on real text
+        shutil.copy(tokenizer_file, out)
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat .\n" if script == "finetune_gpt2" else "\n \n" * 1500)
+    line = fails_cleanly(s.module.main, s.args(out, "--streaming", "--max_train_steps", 2, train=short), capsys)
+    assert "the training text is too short for one sample" in line, line
+    assert not (out / "checkpoints").exists()
+
+
 # ---------------------------------------------------------------------------
 # The loop is the lesson: the same skeleton, in plain sight, in every script.
 # ---------------------------------------------------------------------------
