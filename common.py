@@ -439,7 +439,7 @@ class BestModel:
         count one more evaluation without improvement."""
         value, best = metrics[self.metric_name], state.best_metric
         # Lower is better for a loss, higher for any other metric (accuracy, F1, correlations); a
-        # value that is no number (a diverged run's loss) never beats a number, and any beats it.
+        # value that is no number (a diverged loss) never beats a number, and every number beats it.
         beaten = best is None or math.isnan(best) or (value < best if self.metric_name == "loss" else value > best)
         if not beaten:
             state.evals_without_improvement += 1

@@ -196,12 +196,12 @@ def train_tokenizer(texts, args):
 
 
 def prepare_data(texts, split_name, tokenizer, args):
-    """Blocks of exactly --max_seq_length tokens cut from all lines in one stream, or
-    (--line_by_line) each line cut to --max_seq_length, from a token file; blank lines left out,
-    <s> ... </s> around every line, and which tokens are special (never masked) said."""
+    """Blocks of --max_seq_length tokens cut from all lines in one stream, or (--line_by_line) each
+    line cut to it, from a token file; blank lines dropped once encoded (before, a batch of them
+    would be empty: tokenizers refuse that), <s> ... </s> around every line, special tokens said."""
     cut = {"truncation": True, "max_length": args.max_seq_length} if args.line_by_line else {}
 
-    def tokenize(lines):  # whole lines when packing: packing cuts the blocks; blank ones left out
+    def tokenize(lines):  # whole lines when packing: packing cuts the blocks
         return [ids for ids, line in zip(tokenizer(lines, **cut)["input_ids"], lines) if line.strip()]
 
     block_size = None if args.line_by_line else args.max_seq_length

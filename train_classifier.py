@@ -24,7 +24,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import common
 from machinery import engines, evaluation, flags, throughput, xla
-from machinery.columns import load_data, load_test_data, submission_label
+from machinery.columns import load_data, load_test_data, submission_labels
 from machinery.data_files import from_pretrained
 from machinery.errors import UserError
 from machinery.sampling import EpochSampler, global_batch_size
@@ -303,21 +303,21 @@ def load_classifier(model, tokenizer, device):
 
 def write_predictions(args, test_data, classifier):
     """<output_dir>/predictions.tsv in GLUE's submission layout: `index<TAB>prediction`, one row
-    per test row in file order, each label as the training data spells it (a hub GLUE task's as
-    GLUE does: submission_label), or a number for a regression. Written under a temporary name."""
+    per test row in file order, each label as the training data (or GLUE: submission_labels)
+    spells it, a number for a regression. Written under a temporary name, then renamed."""
     test, columns, index = test_data
-    config = classifier.model.config
-    regression = config.problem_type == "regression"
+    regression = classifier.model.config.problem_type == "regression"
+    spelling = submission_labels(args, classifier.model.config)  # label -> as predictions.tsv writes it
     outputs = classifier(pipeline_inputs(test, columns), batch_size=args.per_device_eval_batch_size)
     path = Path(args.output_dir) / "predictions.tsv"
     tmp = path.with_name(f".tmp-{path.name}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write("index\tprediction\n")
         for number, (row, output) in enumerate(zip(test, outputs)):
-            prediction = f"{output['score']:.4f}" if regression else submission_label(args, config, output["label"])
+            prediction = f"{output['score']:.4f}" if regression else spelling[output["label"]]
             f.write(f"{row[index] if index else number}\t{prediction}\n")
     tmp.replace(path)
-    print(f"Predictions for the {len(test):,} test rows, by {config.name_or_path}: {path}")
+    print(f"Predictions for the {len(test):,} test rows, by {classifier.model.config.name_or_path}: {path}")
 
 
 def pipeline_inputs(rows, columns):

@@ -284,9 +284,10 @@ def load_test_data(args, columns):
     return test, texts, index
 
 
-def submission_label(args, config, label):
-    """How predictions.tsv spells a predicted label: as the training data does, but for a hub data
-    set's GLUE task whose submissions take numbers (MRPC's `equivalent` is 1)."""
+def submission_labels(args, config):
+    """How predictions.tsv spells each label the model predicts: as the training data does, but as
+    numbers for a GLUE task from the hub whose submissions take them (MRPC's `equivalent` is 1)."""
     names = [config.id2label[i] for i in range(config.num_labels)]
-    numbered = args.dataset_name and not args.train_file and names in GLUE_NUMBERED_LABELS
-    return str(config.label2id[label]) if numbered else label
+    if not args.train_file and names in GLUE_NUMBERED_LABELS:  # without --train_file, load_data read the hub
+        return {name: str(i) for i, name in enumerate(names)}
+    return {name: name for name in names}

@@ -124,10 +124,12 @@ def token_samples(texts, tokenize, tokenizer, args, split_name, recipe, block_si
     samples are read once, into memory: the validation lines are at most --max_eval_samples)."""
     if args.streaming:
         samples = StreamedBlocks(texts, tokenize, block_size, special_ids)
-        # Read up to the first sample now: a stream with none would start an epoch over and over.
-        # (A token file's emptiness is the script's to say, with its numbers.)
+        if split_name != "training":
+            samples = list(samples)  # read once, into memory
+        # The training stream is read up to its first sample now: with none, each epoch would end
+        # at once and the next begin, forever. (A token file's emptiness is the script's to say.)
         if next(iter(samples), None) is None:
             raise UserError(f"the {split_name} text is too short for one sample; add text, or make the samples shorter")
-        return samples if split_name == "training" else list(samples)
+        return samples
     token_file = tokenize_to_file(texts, tokenize, tokenizer, args, split_name, recipe)
     return TokenSamples(token_file, block_size, special_ids)

@@ -95,8 +95,7 @@ def outcome(out):
     """What a run ended with: best/'s weights and the newest checkpoint's, the metrics, the
     newest checkpoint's step, and what a script makes besides (GPT-2's sample, the MLM's
     tokenizer)."""
-    checkpoints = sorted((out / "checkpoints").glob("step_*"))
-    state = json.loads((checkpoints[-1] / "training_state.json").read_text())["state"]
+    state = json.loads((newest_checkpoint(out) / "training_state.json").read_text())["state"]
     ended = {
         "best": sha256(model_file(out, "best")),
         "final": sha256(model_file(out, "final")),
@@ -128,8 +127,11 @@ def weights_differ(whole, out):
 
 def model_file(out, which):
     """best/'s weights, or ("final") the newest checkpoint's."""
-    folder = out / "best" if which == "best" else sorted((out / "checkpoints").glob("step_*"))[-1]
-    return folder / "model.safetensors"
+    return (out / "best" if which == "best" else newest_checkpoint(out)) / "model.safetensors"
+
+
+def newest_checkpoint(out):
+    return sorted((out / "checkpoints").glob("step_*"))[-1]
 
 
 def sha256(path):

@@ -390,7 +390,7 @@ def test_hub_glue_predictions_are_spelled_as_glue_submissions_take_them(task):
 
     from transformers import BertConfig
 
-    from machinery.columns import submission_label
+    from machinery.columns import submission_labels
 
     names = helpers.GLUE_HUB[task][1]
     config = BertConfig(id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)})
@@ -398,6 +398,6 @@ def test_hub_glue_predictions_are_spelled_as_glue_submissions_take_them(task):
         Namespace(dataset_name="nyu-mll/glue", train_file=None),
         Namespace(dataset_name=None, train_file="t.csv"),
     )
-    spelled = [submission_label(hub, config, name) for name in names]
+    spelled = [submission_labels(hub, config)[name] for name in names]
     assert spelled == (names if task in ("mnli", "qnli", "rte") else [str(i) for i in range(len(names))])
-    assert [submission_label(local, config, name) for name in names] == names
+    assert [submission_labels(local, config)[name] for name in names] == names
